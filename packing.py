@@ -1,0 +1,341 @@
+"""
+How groups become tensors, and how a model turns them into per-response log-probs.
+
+A group is one prompt with K responses. MPPO needs, for every response, the mean
+log-probability of its tokens given the prompt (the log of the paper's Eq. 4-5 reward).
+Two layouts compute it:
+
+padded_batch (the naive baseline): every response is its own row, prompt + response,
+right-padded to the longest row. The prompt is computed K times and padding burns compute.
+
+    row 0: [p p p a a a . .]
+    row 1: [p p p b b b b b]
+    row 2: [p p p c . . . .]
+
+packed_batch (the default): each group is one sequence [prompt | r_1 | ... | r_K]; every
+response attends to the prompt and causally to itself only, and its positions continue
+from the end of the prompt, so each response sees exactly what it would see alone. Several
+groups share a row, with no padding between them and no attention across them.
+
+    row 0: [p p p a a a b b b b b c | q q r r s s]      q = prompt of the second group
+    mask of the first group, x = may attend (query down, key across):
+              p p p a a a b b b b b c
+        p     x
+        p     x x
+        p     x x x
+        a     x x x x
+        a     x x x x x
+        a     x x x x x x
+        b     x x x       x
+        ...                  (b sees the prompt and the b before it, never a)
+
+response_logps never builds the (tokens, vocab) logits tensor, the largest memory cost of
+preference training (Llama 3 has a 128,256-word vocabulary): it takes the final hidden
+states, keeps only the positions that predict scored response tokens, and runs the
+language-model head and the log-softmax over them a chunk at a time, recomputing each chunk
+in backward (chunked_target_logprobs), so the loss needs memory for one chunk, not the batch.
+
+Depends on torch only. Groups are duck-typed: any object with .prompt_ids (list[int]),
+.response_ids (list[list[int]]) and .scores (list[float]) works (data.TokenizedGroup does).
+"""
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+class PackingError(ValueError):
+    """A group that cannot be laid out (empty prompt or response, scores of the wrong length)."""
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # (R, T) long, R rows of T tokens; padding holds pad_id
+    position_ids: torch.Tensor  # (R, T) long, RoPE positions; a response continues from its prompt's end
+    attn_mask: torch.Tensor | None  # (R, T, T) bool, True where query t may attend key s; None = plain causal
+    doc_ids: torch.Tensor  # (R, T) long, which sequence a token belongs to (attention never crosses); -1 = padding
+    seg_ids: torch.Tensor  # (R, T) long, 0 = prompt, k + 1 = response k, -1 = padding
+    # one entry per scored token, i.e. per response token (N in total):
+    pred_row: torch.Tensor  # (N,) long, the row ...
+    pred_pos: torch.Tensor  # (N,) long, ... and position whose hidden state predicts the token
+    target_ids: torch.Tensor  # (N,) long, the token itself
+    response_index: torch.Tensor  # (N,) long, the response it belongs to, flat: b * K + k
+    num_scored: torch.Tensor  # (B, K) long, scored tokens per response (0 in padding slots)
+    scores: torch.Tensor  # (B, K) float32, 0 in padding slots
+    mask: torch.Tensor  # (B, K) bool, False in the padding slots of groups with fewer than K responses
+    num_tokens: int  # tokens the forward processes, padding included (R * T)
+    num_logical_tokens: int  # prompt + response tokens counted once per response, as unshared and unpadded
+
+    def to(self, device):
+        moved = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for name, value in moved.items():
+            if isinstance(value, torch.Tensor):
+                moved[name] = value.to(device, non_blocking=True)
+        return Batch(**moved)
+
+
+def _check(groups):
+    """Raise PackingError naming the group (and its source line when known) for bad input."""
+    if len(groups) == 0:
+        raise PackingError("no groups to lay out")
+    for b, g in enumerate(groups):
+        where = f"group {b}" + (f" (line {g.line})" if getattr(g, "line", None) is not None else "")
+        if len(g.prompt_ids) == 0:
+            # the first response token needs a position to be predicted from (Llama prompts start with BOS)
+            raise PackingError(f"{where}: empty prompt_ids")
+        if len(g.response_ids) == 0:
+            raise PackingError(f"{where}: no responses")
+        if len(g.scores) != len(g.response_ids):
+            raise PackingError(f"{where}: {len(g.scores)} scores for {len(g.response_ids)} responses")
+        for k, r in enumerate(g.response_ids):
+            if len(r) == 0:
+                raise PackingError(f"{where}: response {k} is empty (its mean log-prob is undefined)")
+
+
+def _scores_and_mask(groups):
+    B, K = len(groups), max(len(g.response_ids) for g in groups)
+    scores = torch.zeros(B, K, dtype=torch.float32)
+    mask = torch.zeros(B, K, dtype=torch.bool)
+    num_scored = torch.zeros(B, K, dtype=torch.long)
+    for b, g in enumerate(groups):
+        n = len(g.response_ids)
+        scores[b, :n] = torch.tensor([float(s) for s in g.scores])
+        mask[b, :n] = True
+        num_scored[b, :n] = torch.tensor([len(r) for r in g.response_ids])
+    return K, scores, mask, num_scored
+
+
+def attention_mask(doc_ids, seg_ids):
+    """(R, T, T) bool from per-token ids: same sequence, causal, and a response sees only the prompt and itself.
+
+    Padding (doc -1, seg -1) attends to the padding before it and to itself, so no query row is
+    fully masked (SDPA returns NaN for a row with nothing to attend to); real tokens never see it.
+    """
+    T = doc_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
+    same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]  # (R, T, T)
+    key_seg, query_seg = seg_ids[:, None, :], seg_ids[:, :, None]
+    visible = (key_seg == 0) | (key_seg == query_seg)  # prompt, or the query's own segment
+    return same_doc & visible & causal
+
+
+class _Layout:
+    """Accumulates rows token by token-span; turns into a Batch at the end."""
+
+    def __init__(self, num_rows, T, pad_id):
+        self.input_ids = torch.full((num_rows, T), pad_id, dtype=torch.long)
+        self.position_ids = torch.zeros(num_rows, T, dtype=torch.long)
+        self.doc_ids = torch.full((num_rows, T), -1, dtype=torch.long)
+        self.seg_ids = torch.full((num_rows, T), -1, dtype=torch.long)
+        self.pred_row, self.pred_pos, self.target_ids, self.response_index = [], [], [], []
+
+    def put(self, row, start, ids, first_position, doc, seg):
+        n = len(ids)
+        self.input_ids[row, start : start + n] = torch.tensor(ids, dtype=torch.long)
+        self.position_ids[row, start : start + n] = torch.arange(first_position, first_position + n)
+        self.doc_ids[row, start : start + n] = doc
+        self.seg_ids[row, start : start + n] = seg
+
+    def score(self, row, prompt_last, start, ids, response):
+        """Response tokens ids sit at [start, start + len); the first is predicted from the prompt's last position."""
+        n = len(ids)
+        self.pred_row.append(torch.full((n,), row, dtype=torch.long))
+        self.pred_pos.append(torch.cat([torch.tensor([prompt_last]), torch.arange(start, start + n - 1)]))
+        self.target_ids.append(torch.tensor(ids, dtype=torch.long))
+        self.response_index.append(torch.full((n,), response, dtype=torch.long))
+
+    def batch(self, groups, need_mask, num_logical_tokens):
+        K, scores, mask, num_scored = _scores_and_mask(groups)
+        return Batch(
+            input_ids=self.input_ids,
+            position_ids=self.position_ids,
+            attn_mask=attention_mask(self.doc_ids, self.seg_ids) if need_mask else None,
+            doc_ids=self.doc_ids,
+            seg_ids=self.seg_ids,
+            pred_row=torch.cat(self.pred_row),
+            pred_pos=torch.cat(self.pred_pos),
+            target_ids=torch.cat(self.target_ids),
+            response_index=torch.cat(self.response_index),
+            num_scored=num_scored,
+            scores=scores,
+            mask=mask,
+            num_tokens=self.input_ids.numel(),
+            num_logical_tokens=num_logical_tokens,
+        )
+
+
+def _logical_tokens(groups):
+    return sum(len(g.prompt_ids) * len(g.response_ids) + sum(map(len, g.response_ids)) for g in groups)
+
+
+def padded_batch(groups, pad_id=0):
+    """The naive layout: one right-padded row [prompt | response_k | pad ...] per present response.
+
+    Rows are plain causal (attn_mask None): real tokens never look right, at the padding.
+    """
+    _check(groups)
+    K = max(len(g.response_ids) for g in groups)
+    T = max(len(g.prompt_ids) + len(r) for g in groups for r in g.response_ids)
+    num_rows = sum(len(g.response_ids) for g in groups)
+    layout = _Layout(num_rows, T, pad_id)
+    row = 0
+    for b, g in enumerate(groups):
+        P = len(g.prompt_ids)
+        for k, r in enumerate(g.response_ids):
+            layout.put(row, 0, g.prompt_ids, 0, doc=row, seg=0)
+            layout.put(row, P, r, P, doc=row, seg=k + 1)
+            layout.score(row, P - 1, P, r, b * K + k)
+            row += 1
+    return layout.batch(groups, need_mask=False, num_logical_tokens=_logical_tokens(groups))
+
+
+def packed_batch(groups, max_row_tokens=None, pad_id=0):
+    """The shared-prompt layout: [prompt | r_1 | ... | r_K] per group, groups packed into rows.
+
+    Rows hold at most max_row_tokens tokens (default: the longest group of this batch), filled
+    first-fit in order of decreasing group length; a group longer than the budget gets a row of
+    its own; shorter rows are right-padded. Why the default: SDPA with a dense mask costs T^2
+    per row whatever the mask hides, so rows longer than the longest group buy no less padding
+    than they cost in attention. Group b keeps index b in scores/mask whatever row it lands in.
+    """
+    _check(groups)
+    K = max(len(g.response_ids) for g in groups)
+    lengths = [len(g.prompt_ids) + sum(map(len, g.response_ids)) for g in groups]
+    budget = max(lengths) if max_row_tokens is None else max_row_tokens
+    if budget <= 0:
+        raise PackingError(f"max_row_tokens must be positive, got {max_row_tokens}")
+
+    # first-fit decreasing: place each group (longest first) in the first row with room
+    row_of, row_used = [0] * len(groups), []
+    for b in sorted(range(len(groups)), key=lambda b: -lengths[b]):
+        for r, used in enumerate(row_used):
+            if used + lengths[b] <= budget:
+                row_of[b], row_used[r] = r, used + lengths[b]
+                break
+        else:
+            row_of[b] = len(row_used)
+            row_used.append(lengths[b])
+
+    layout = _Layout(len(row_used), max(row_used), pad_id)
+    fill = [0] * len(row_used)
+    for b, g in enumerate(groups):
+        row, start, P = row_of[b], fill[row_of[b]], len(g.prompt_ids)
+        layout.put(row, start, g.prompt_ids, 0, doc=b, seg=0)
+        at = start + P
+        for k, r in enumerate(g.response_ids):
+            layout.put(row, at, r, P, doc=b, seg=k + 1)  # positions restart at P for every response
+            layout.score(row, start + P - 1, at, r, b * K + k)
+            at += len(r)
+        fill[row] = at
+    # a row holding one single-response group is plain causal; anything else needs the mask
+    need_mask = K > 1 or len(row_used) < len(groups)
+    return layout.batch(groups, need_mask=need_mask, num_logical_tokens=_logical_tokens(groups))
+
+
+class _ChunkedTargetLogprobs(torch.autograd.Function):
+    """log_softmax(h @ W^T)[target] per row, a chunk of rows at a time; backward recomputes the chunk.
+
+    With z = h W^T, log p_y = z_y - logsumexp(z), so d log p_y / dz = onehot(y) - softmax(z): the
+    backward needs only h, W and y, and holds (chunk, vocab) floats at a time.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_size):
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        for i in range(0, hidden.shape[0], chunk_size):
+            # logits in the model's dtype, log-softmax in float32: what model(...).float().log_softmax() does
+            z = (hidden[i : i + chunk_size] @ weight.T).float()  # (C, V)
+            y = targets[i : i + chunk_size]
+            out[i : i + chunk_size] = z.gather(1, y[:, None]).squeeze(1) - z.logsumexp(dim=1)
+        ctx.save_for_backward(hidden, weight, targets)
+        ctx.chunk_size = chunk_size
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, targets = ctx.saved_tensors
+        C = ctx.chunk_size
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
+        for i in range(0, hidden.shape[0], C):
+            h, y, g = hidden[i : i + C], targets[i : i + C], grad_out[i : i + C]
+            z = (h @ weight.T).float()  # (C, V), recomputed
+            dz = z.softmax(dim=1).mul_(-g[:, None])  # -g * softmax(z) ...
+            dz.scatter_add_(1, y[:, None], g[:, None])  # ... + g * onehot(y)
+            dz = dz.to(weight.dtype)
+            if grad_hidden is not None:
+                grad_hidden[i : i + C] = dz @ weight
+            if grad_weight is not None:
+                grad_weight += (dz.T @ h).float()  # (V, H), summed over chunks in float32
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None
+
+
+def chunked_target_logprobs(hidden, weight, targets, chunk_size=1024):
+    """(N,) float32 log-prob of targets (N,) under logits hidden (N, H) @ weight (V, H)^T, never holding (N, V)."""
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    return _ChunkedTargetLogprobs.apply(hidden, weight, targets, chunk_size)
+
+
+def unwrap(model):
+    """The Llama inside DistributedDataParallel (.module) and/or torch.compile (._orig_mod)."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def flex_block_mask(batch):
+    """The packed layout's mask as a flex_attention BlockMask: the same rule as attention_mask().
+
+    flex_attention skips the blocks the mask hides entirely (responses of other groups, other
+    responses of the same group), where SDPA with a dense mask computes all T^2 scores. It is
+    fast only under torch.compile (a fused CUDA kernel); eager it materialises the scores.
+    """
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    doc, seg = batch.doc_ids, batch.seg_ids
+
+    def mask_mod(b, h, q, kv):
+        visible = (seg[b, kv] == 0) | (seg[b, kv] == seg[b, q])
+        return (doc[b, q] == doc[b, kv]) & visible & (kv <= q)
+
+    R, T = doc.shape
+    return create_block_mask(mask_mod, R, None, T, T, device=doc.device)
+
+
+def response_logps(model, batch, chunk_size=1024, full_logits=False):
+    """(B, K) float32: mean log-prob of each response's tokens given its prompt; 0 in padding slots.
+
+    The model is called through its own forward (so a DDP wrapper sees it) for the final hidden
+    states; the head is applied here, with unwrap(model).lm_head.weight. Under DDP this is sound
+    with the default find_unused_parameters=False: the head weight still gets its gradient in the
+    same backward, which fires DDP's hook and all-reduces it like any other parameter (with
+    find_unused_parameters=True DDP would mark it unused at forward time and then fail).
+
+    full_logits=True is the straightforward computation (model logits for every position, a full
+    log-softmax), used by the naive baseline and as the reference in tests.
+    """
+    kwargs = dict(position_ids=batch.position_ids, attn_mask=batch.attn_mask)
+    if full_logits:
+        logits = model(batch.input_ids, **kwargs)  # (R, T, V)
+        logprobs = logits.float().log_softmax(dim=-1)  # (R, T, V)
+        token_logps = logprobs[batch.pred_row, batch.pred_pos, batch.target_ids]  # (N,)
+    else:
+        hidden = model(batch.input_ids, return_hidden=True, **kwargs)  # (R, T, H)
+        hidden = hidden[batch.pred_row, batch.pred_pos]  # (N, H), only positions predicting scored tokens
+        head = unwrap(model).lm_head
+        if getattr(head, "bias", None) is not None:
+            raise ValueError("response_logps: lm_head with a bias is not supported (Llama has none)")
+        token_logps = chunked_target_logprobs(hidden, head.weight, batch.target_ids, chunk_size)
+    B, K = batch.mask.shape
+    sums = torch.zeros(B * K, dtype=torch.float32, device=token_logps.device)
+    sums = sums.index_add(0, batch.response_index, token_logps)  # (B * K,)
+    return sums.view(B, K) / batch.num_scored.clamp(min=1)
