@@ -1,0 +1,744 @@
+"""
+Preference data for MPPO: read groups of (prompt, responses, scores), tokenize them with a
+checkpoint's chat template, and batch them deterministically across DDP ranks.
+
+A group is one prompt with K >= 2 scored responses; K may differ from group to group. The
+canonical file format is JSONL, one group per line:
+
+    {"prompt": "What is 2+2?", "responses": ["4", "5"], "scores": [9.0, 2.0]}
+    {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}], ...}
+
+read_groups() also reads the formats people already have, detected from the keys of the first
+row (or named with format=):
+
+    canonical      prompt, responses, scores
+    simpo          prompt, all_generated_responses, all_rm_scores  (SimPO's on-policy sets)
+    ultrafeedback  instruction, completions[].response, completions[].overall_score  (raw openbmb/UltraFeedback)
+    pairwise       prompt, chosen, rejected [, score_chosen, score_rejected]  (e.g. HuggingFaceH4/ultrafeedback_binarized)
+    rrhf           query, responses, scores
+
+each as .jsonl or as a .json list. Print the statistics of a data set before training with
+
+    python data.py --model path/to/checkpoint --data train.jsonl --max_length 2048 --max_prompt_length 1800
+
+Depends on torch-free libraries only: tokenizers, numpy and the standard library.
+"""
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+from collections import Counter
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+from tokenizers import Tokenizer
+
+# -----------------------------------------------------------------------------
+# Reading groups
+
+
+class DataError(ValueError):
+    """A structural problem in a data file. The message is one line: "FILE:LINE: field 'x': problem"."""
+
+
+@dataclass
+class Group:
+    prompt: str | list[dict]  # a string is one user message; else {"role", "content"} messages, earlier turns included
+    responses: list[str]  # candidate answers to the prompt
+    scores: list[float]  # one per response, higher is better
+    line: int  # 1-based line of a .jsonl file, or 0-based element index of a .json list
+
+
+# Reasons a well-formed row is skipped (or a completion dropped); Report counts each one.
+FEW_RESPONSES = "fewer than {} responses"
+EQUAL_SCORES = "all scores equal"
+EMPTY_RESPONSE = "an empty response"
+PROMPT_FILLS = "prompt fills max_length"
+UNRATED = "completions without a usable rating (dropped from their group)"
+
+
+@dataclass
+class Report:
+    """What reading or tokenizing a data set kept, skipped and cut; summary() is the printable form."""
+
+    source: str  # the file (or step) this report is about
+    rows: int = 0  # rows (groups) that came in
+    kept: int = 0  # groups that went out
+    skipped: dict[str, list[int]] = field(default_factory=dict)  # reason -> line of every skipped row
+    dropped: dict[str, list[int]] = field(default_factory=dict)  # reason -> line, once per dropped completion
+    truncated_prompts: int = 0  # prompts cut to max_prompt_length (their end kept)
+    truncated_responses: int = 0  # responses cut to fit max_length
+
+    def skip(self, reason: str, line: int):
+        self.skipped.setdefault(reason, []).append(line)
+
+    def summary(self, first: int = 5) -> str:
+        def lines(ls):
+            shown = ", ".join(map(str, ls[:first]))
+            return f"lines {shown}" + (", ..." if len(ls) > first else "")
+
+        out = [f"{self.source}: {self.rows} groups in, {self.kept} kept"]
+        for reason, ls in self.skipped.items():
+            out.append(f"  skipped {len(ls)}: {reason} ({lines(ls)})")
+        for reason, ls in self.dropped.items():
+            out.append(f"  dropped {len(ls)} {reason} ({lines(sorted(set(ls)))})")
+        if self.truncated_prompts or self.truncated_responses:
+            out.append(f"  truncated {self.truncated_prompts} prompts, {self.truncated_responses} responses")
+        return "\n".join(out)
+
+    __str__ = summary
+
+
+def _typename(x) -> str:
+    return "null" if x is None else {dict: "object", list: "list", str: "string", bool: "bool"}.get(type(x), type(x).__name__)
+
+
+def _get(row: dict, key: str, where: str):
+    if key not in row:
+        raise DataError(f"{where}: field '{key}': missing (row has {', '.join(map(repr, row)) or 'no fields'})")
+    return row[key]
+
+
+def _text(x, where: str, name: str) -> str:
+    if not isinstance(x, str):
+        raise DataError(f"{where}: field '{name}': expected a string, got {_typename(x)}")
+    return x
+
+
+def _texts(x, where: str, name: str) -> list[str]:
+    if not isinstance(x, list):
+        raise DataError(f"{where}: field '{name}': expected a list of strings, got {_typename(x)}")
+    return [_text(t, where, f"{name}[{i}]") for i, t in enumerate(x)]
+
+
+def _score(x, where: str, name: str) -> float:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise DataError(f"{where}: field '{name}': expected a number, got {_typename(x)}")
+    if not math.isfinite(x):
+        raise DataError(f"{where}: field '{name}': score is {x}, not a finite number")
+    return float(x)
+
+
+def _scores(x, where: str, name: str, n: int) -> list[float]:
+    if not isinstance(x, list):
+        raise DataError(f"{where}: field '{name}': expected a list of numbers, got {_typename(x)}")
+    if len(x) != n:
+        raise DataError(f"{where}: field '{name}': {len(x)} scores for {n} responses")
+    return [_score(s, where, f"{name}[{i}]") for i, s in enumerate(x)]
+
+
+def _member(obj: dict, key: str, where: str, name: str):
+    if key not in obj:
+        raise DataError(f"{where}: field '{name}.{key}': missing")
+    return obj[key]
+
+
+def _messages(x, where: str, name: str) -> list[dict]:
+    if not isinstance(x, list):
+        raise DataError(f"{where}: field '{name}': expected a list of messages, got {_typename(x)}")
+    if not x:
+        raise DataError(f"{where}: field '{name}': empty conversation")
+    out = []
+    for i, m in enumerate(x):
+        if not isinstance(m, dict):
+            raise DataError(f"{where}: field '{name}[{i}]': expected a message object, got {_typename(m)}")
+        role = _text(_member(m, "role", where, f"{name}[{i}]"), where, f"{name}[{i}].role")
+        content = _text(_member(m, "content", where, f"{name}[{i}]"), where, f"{name}[{i}].content")
+        out.append({"role": role, "content": content})
+    return out
+
+
+def _prompt(x, where: str, name: str) -> str | list[dict]:
+    if isinstance(x, str):
+        return x
+    if isinstance(x, list):
+        return _simplify(_messages(x, where, name))
+    raise DataError(f"{where}: field '{name}': expected a string or a list of messages, got {_typename(x)}")
+
+
+def _simplify(conversation: list[dict]) -> str | list[dict]:
+    # A lone user message and a plain string render identically with every chat template; keeping
+    # the string lets raw-text (template 'none') training use pairwise sets that store message lists.
+    if len(conversation) == 1 and conversation[0]["role"] == "user":
+        return conversation[0]["content"]
+    return conversation
+
+
+def _parse_canonical(row, where):
+    prompt = _prompt(_get(row, "prompt", where), where, "prompt")
+    responses = _texts(_get(row, "responses", where), where, "responses")
+    return prompt, responses, _scores(_get(row, "scores", where), where, "scores", len(responses)), 0
+
+
+def _parse_simpo(row, where):
+    prompt = _prompt(_get(row, "prompt", where), where, "prompt")
+    responses = _texts(_get(row, "all_generated_responses", where), where, "all_generated_responses")
+    return prompt, responses, _scores(_get(row, "all_rm_scores", where), where, "all_rm_scores", len(responses)), 0
+
+
+def _parse_rrhf(row, where):
+    prompt = _prompt(_get(row, "query", where), where, "query")
+    responses = _texts(_get(row, "responses", where), where, "responses")
+    return prompt, responses, _scores(_get(row, "scores", where), where, "scores", len(responses)), 0
+
+
+def _rating(c: dict, key: str, where: str, name: str) -> float | None:
+    """An UltraFeedback rating, or None when it is absent or not given ("N/A", null, NaN)."""
+    x = c.get(key)
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return None
+    if isinstance(x, str):
+        if x.strip().upper() == "N/A":
+            return None
+        try:
+            x = float(x)  # some exports store ratings as strings: "7.5"
+        except ValueError:
+            raise DataError(f"{where}: field '{name}.{key}': expected a number or \"N/A\", got {json.dumps(x)}") from None
+    return _score(x, where, f"{name}.{key}")
+
+
+def _parse_ultrafeedback(row, where):
+    """Raw openbmb/UltraFeedback. A group is scored by `overall_score` (1-10) when every completion
+    has one; otherwise by `fine-grained_score` (the mean of the 1-5 aspect ratings) times 2, so that
+    both lie on 1-10 and one group never mixes the two judgements. A completion with no usable rating
+    in the field chosen ("N/A") is dropped from its group and counted in the report."""
+    prompt = _prompt(_get(row, "instruction", where), where, "instruction")
+    completions = _get(row, "completions", where)
+    if not isinstance(completions, list):
+        raise DataError(f"{where}: field 'completions': expected a list, got {_typename(completions)}")
+    responses, overall, fine = [], [], []
+    for i, c in enumerate(completions):
+        name = f"completions[{i}]"
+        if not isinstance(c, dict):
+            raise DataError(f"{where}: field '{name}': expected an object, got {_typename(c)}")
+        responses.append(_text(_member(c, "response", where, name), where, f"{name}.response"))
+        if "overall_score" not in c and "fine-grained_score" not in c:
+            raise DataError(f"{where}: field '{name}.overall_score': missing (and no 'fine-grained_score' either)")
+        overall.append(_rating(c, "overall_score", where, name))
+        f = _rating(c, "fine-grained_score", where, name)
+        fine.append(None if f is None else 2 * f)
+    scores = overall if all(s is not None for s in overall) else fine
+    keep = [i for i, s in enumerate(scores) if s is not None]
+    return prompt, [responses[i] for i in keep], [scores[i] for i in keep], len(completions) - len(keep)
+
+
+def _parse_pairwise(row, where):
+    """chosen/rejected as strings (with a `prompt`), or as conversations ending in the assistant's
+    answer, whose earlier turns are the prompt. Scores from score_chosen/score_rejected, else 1 and 0."""
+    chosen, rejected = _get(row, "chosen", where), _get(row, "rejected", where)
+    if isinstance(chosen, list):
+        convs = {"chosen": _messages(chosen, where, "chosen"), "rejected": _messages(rejected, where, "rejected")}
+        for name, conv in convs.items():
+            if conv[-1]["role"] != "assistant":
+                raise DataError(f"{where}: field '{name}[{len(conv) - 1}].role': the last message is '{conv[-1]['role']}', expected 'assistant'")
+        if convs["chosen"][:-1] != convs["rejected"][:-1]:
+            raise DataError(f"{where}: field 'rejected': its turns before the answer differ from those of 'chosen'")
+        history = convs["chosen"][:-1]
+        prompt = _simplify(history) if history else _prompt(_get(row, "prompt", where), where, "prompt")
+        responses = [convs["chosen"][-1]["content"], convs["rejected"][-1]["content"]]
+    else:
+        prompt = _prompt(_get(row, "prompt", where), where, "prompt")
+        responses = [_text(chosen, where, "chosen"), _text(rejected, where, "rejected")]
+    if "score_chosen" in row or "score_rejected" in row:
+        scores = [_score(_get(row, k, where), where, k) for k in ("score_chosen", "score_rejected")]
+    else:
+        scores = [1.0, 0.0]
+    return prompt, responses, scores, 0
+
+
+PARSERS = {
+    "canonical": _parse_canonical,
+    "simpo": _parse_simpo,
+    "ultrafeedback": _parse_ultrafeedback,
+    "pairwise": _parse_pairwise,
+    "rrhf": _parse_rrhf,
+}
+
+
+def detect_format(row: dict) -> str | None:
+    """The format a row's keys identify, or None. SimPO rows also carry chosen/rejected, so they go first."""
+    keys = set(row)
+    if "all_generated_responses" in keys:
+        return "simpo"
+    if {"instruction", "completions"} <= keys:
+        return "ultrafeedback"
+    if {"query", "responses"} <= keys:
+        return "rrhf"
+    if {"chosen", "rejected"} <= keys:
+        return "pairwise"
+    if {"prompt", "responses"} <= keys:
+        return "canonical"
+    return None
+
+
+def _unusable(responses: list[str], scores: list[float], min_responses: int) -> str | None:
+    """Why a well-formed group cannot be trained on, or None."""
+    if len(responses) < min_responses:
+        return FEW_RESPONSES.format(min_responses)
+    if any(not r.strip() for r in responses):
+        return EMPTY_RESPONSE
+    # min_responses=1 asks for demonstrations (SFT), which need no preference between responses
+    if min_responses >= 2 and min(scores) == max(scores):
+        return EQUAL_SCORES
+    return None
+
+
+def _rows(path: str):
+    """Yield (where, line, row): every row of a .jsonl file (1-based line numbers, blank lines
+    ignored) or a .json list (0-based element indices)."""
+    with open(path, encoding="utf-8") as f:
+        if path.endswith(".json"):
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
+            if not isinstance(data, list):
+                raise DataError(f"{path}: expected a JSON list of rows, got {_typename(data)}")
+            for i, row in enumerate(data):
+                yield f"{path}: element {i}", i, row
+            return
+        for n, text in enumerate(f, 1):
+            if not text.strip():
+                continue
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: invalid JSON: {e.msg} (column {e.colno})") from None
+            yield f"{path}:{n}", n, row
+
+
+def read_groups(path: str, format: str | None = None, min_responses: int = 2) -> tuple[list[Group], Report]:
+    """Read every group of a data file; see the module docstring for the formats.
+
+    A structural problem raises DataError naming the file, line and field. A well-formed row that
+    cannot be trained on (fewer than min_responses responses, an empty response, all scores equal
+    when min_responses >= 2) is skipped and counted in the returned Report."""
+    if format is not None and format not in PARSERS:
+        raise ValueError(f"unknown data format {format!r}; choose one of {', '.join(PARSERS)}")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such data file")
+    groups, report = [], Report(source=path)
+    for where, line, row in _rows(path):
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected a JSON object, got {_typename(row)}")
+        if format is None:
+            format = detect_format(row)
+            if format is None:
+                raise DataError(f"{where}: cannot tell the format from the fields {sorted(row)}; pass format= one of {', '.join(PARSERS)}")
+        prompt, responses, scores, dropped = PARSERS[format](row, where)
+        report.rows += 1
+        if dropped:
+            report.dropped.setdefault(UNRATED, []).extend([line] * dropped)
+        reason = _unusable(responses, scores, min_responses)
+        if reason:
+            report.skip(reason, line)
+            continue
+        groups.append(Group(prompt, responses, scores, line))
+    if report.rows == 0:
+        raise DataError(f"{path}: no rows")
+    report.source = f"{path} ({format})"
+    report.kept = len(groups)
+    return groups, report
+
+
+# -----------------------------------------------------------------------------
+# Chat templates, rendered in plain Python (the tokenizers library has no Jinja)
+
+TEMPLATES = ("llama3", "chatml", "none")
+# Per template: the text that opens the assistant's turn and the token that ends every turn.
+ASSISTANT_HEADER = {"llama3": "<|start_header_id|>assistant<|end_header_id|>\n\n", "chatml": "<|im_start|>assistant\n"}
+END_OF_TURN = {"llama3": "<|eot_id|>", "chatml": "<|im_end|>"}
+REQUIRED_TOKENS = {"llama3": ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"), "chatml": ("<|im_start|>", "<|im_end|>")}
+
+
+def detect_template(text: str | None) -> str:
+    """The format a Jinja chat template renders, from its text; 'none' when there is no template."""
+    if not text:
+        return "none"
+    if "<|start_header_id|>" in text:
+        if "Cutting Knowledge Date" in text:
+            raise ValueError("the chat template is Llama 3.1-style (it adds a 'Cutting Knowledge Date' system header), "
+                             "which data.py does not render; pass template='llama3' for the plain Llama 3 format")
+        return "llama3"
+    if "<|im_start|>" in text:
+        return "chatml"
+    raise ValueError("unrecognised chat template (neither Llama 3 nor ChatML); pass template= one of " + ", ".join(TEMPLATES))
+
+
+def chatml_default_system(text: str | None) -> str | None:
+    """The system message a ChatML template inserts when the conversation has none (Qwen's
+    "You are a helpful assistant."), read from the string literal that holds it; None if it adds none."""
+    m = re.search(r"<\|im_start\|>system(?:\n|\\n)([^'\"]*?)<\|im_end\|>", text or "")
+    if m is None:
+        return None
+    return re.sub(r"\\(.)", lambda e: {"n": "\n", "t": "\t"}.get(e[1], e[1]), m[1])  # Jinja string escapes
+
+
+class ChatTokenizer:
+    """A `tokenizers.Tokenizer` plus the chat format of one checkpoint.
+
+    Prompts and responses are rendered to text exactly as transformers' apply_chat_template renders
+    the Llama 3 and ChatML templates, then tokenized without the post-processor's special tokens (as
+    apply_chat_template does), so a prompt has exactly one BOS even when the post-processor adds one.
+    The prompt is tokenized on its own, as at generation time; so is each response. For Llama 3 the
+    two concatenate to apply_chat_template of the whole conversation: the header ends in "\\n\\n" and
+    the content is stripped, so no token can span the boundary. For ChatML the same holds unless a
+    response starts with a newline, and the "\\n" the template writes after <|im_end|> is not scored:
+    the model stops at <|im_end|> and never generates it."""
+
+    def __init__(self, tokenizer: Tokenizer, template: str, bos_token: str | None = None, eos_token: str | None = None,
+                 pad_token: str | None = None, default_system: str | None = None, add_bos: bool | None = None,
+                 extra_stop_ids=()):
+        if template not in TEMPLATES:
+            raise ValueError(f"unknown chat template {template!r}; choose one of {', '.join(TEMPLATES)}")
+        for t in REQUIRED_TOKENS.get(template, ()):
+            if tokenizer.token_to_id(t) is None:
+                raise ValueError(f"template {template!r} needs the token {t}, which the tokenizer lacks")
+        self.tokenizer, self.template, self.default_system = tokenizer, template, default_system
+        self.bos_token, self.eos_token = bos_token, eos_token
+        self.bos_id = self._token_id(bos_token)
+        self.eos_id = self._token_id(eos_token)
+        if self.eos_id is None:
+            raise ValueError("the tokenizer has no eos token (looked in tokenizer_config.json, special_tokens_map.json, generation_config.json)")
+        self.pad_id = self._token_id(pad_token) if pad_token is not None else self.eos_id
+        # Llama 3 starts every prompt with <|begin_of_text|>; a ChatML template writes bos_token only
+        # if it says so (Qwen's do not); a raw-text prompt gets one if the tokenizer has one.
+        self.add_bos = (template != "chatml") if add_bos is None else add_bos
+        self.add_bos = self.add_bos and self.bos_id is not None
+        self.stop_ids = {self.eos_id, *extra_stop_ids}
+        if template in END_OF_TURN:
+            self.stop_ids.add(tokenizer.token_to_id(END_OF_TURN[template]))
+        self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def _token_id(self, token: str | None) -> int | None:
+        if token is None:
+            return None
+        ids = self.tokenizer.encode(token, add_special_tokens=False).ids
+        if len(ids) != 1:
+            raise ValueError(f"special token {token!r} is not a single token of the tokenizer")
+        return ids[0]
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str, template: str | None = None) -> "ChatTokenizer":
+        """Load tokenizer.json and the special tokens and chat template of a Hugging Face checkpoint
+        directory. template=None detects 'llama3' or 'chatml' from the template text ('none' when
+        the checkpoint has no template); name one to override."""
+
+        def load(name):
+            p = os.path.join(model_dir, name)
+            if not os.path.isfile(p):
+                return {}
+            with open(p, encoding="utf-8") as f:
+                try:
+                    return json.load(f)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{p}:{e.lineno}: invalid JSON: {e.msg}") from None
+
+        path = os.path.join(model_dir, "tokenizer.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no such file (the checkpoint needs a fast tokenizer's tokenizer.json)")
+        tokenizer = Tokenizer.from_file(path)
+        config, gen = load("tokenizer_config.json"), load("generation_config.json")
+        special = {**load("special_tokens_map.json"), **config}  # tokenizer_config.json wins, as in transformers
+
+        def token(key):  # a special token is saved as a string or as an AddedToken dict
+            v = special.get(key)
+            return v.get("content") if isinstance(v, dict) else v
+
+        chat_template = config.get("chat_template")
+        if isinstance(chat_template, list):  # several named templates: the default one renders chats
+            chat_template = next((t["template"] for t in chat_template if t.get("name") == "default"), None)
+        jinja = os.path.join(model_dir, "chat_template.jinja")
+        if os.path.isfile(jinja):  # newer transformers save the template here, and read it first
+            with open(jinja, encoding="utf-8") as f:
+                chat_template = f.read()
+
+        def ids(v):
+            return [] if v is None else [v] if isinstance(v, int) else list(v)
+
+        bos, eos, pad = token("bos_token"), token("eos_token"), token("pad_token")
+        if bos is None and ids(gen.get("bos_token_id")):
+            bos = tokenizer.id_to_token(ids(gen["bos_token_id"])[0])
+        if eos is None and ids(gen.get("eos_token_id")):
+            eos = tokenizer.id_to_token(ids(gen["eos_token_id"])[0])
+        template = template or detect_template(chat_template)
+        return cls(tokenizer, template, bos_token=bos, eos_token=eos, pad_token=pad,
+                   default_system=chatml_default_system(chat_template) if template == "chatml" else None,
+                   add_bos=("bos_token" in (chat_template or "")) if template == "chatml" else None,
+                   extra_stop_ids=ids(gen.get("eos_token_id")))
+
+    def render_prompt(self, prompt: str | list[dict], add_generation_prompt: bool = True) -> str:
+        """The prompt as text, equal to apply_chat_template(messages, tokenize=False, add_generation_prompt=...)."""
+        bos = self.bos_token if self.add_bos else ""
+        if self.template == "none":
+            if not isinstance(prompt, str):
+                raise ValueError("template 'none' takes plain-text prompts, but this prompt is a conversation; choose a chat template")
+            return bos + prompt
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        if self.template == "llama3":
+            turns = [f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content'].strip()}<|eot_id|>" for m in messages]
+        else:
+            if self.default_system is not None and messages[0]["role"] != "system":
+                messages = [{"role": "system", "content": self.default_system}, *messages]
+            turns = [f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages]
+        return bos + "".join(turns) + (ASSISTANT_HEADER[self.template] if add_generation_prompt else "")
+
+    def render_response(self, text: str, include_header: bool = False) -> str:
+        """A response as scored: its content and the end-of-turn token, the assistant header first
+        with include_header=True (the SimPO code base scores it; it changes the mean log-prob p)."""
+        if self.template == "none":
+            return text + self.eos_token
+        content = text.strip() if self.template == "llama3" else text  # the Llama 3 template trims
+        return (ASSISTANT_HEADER[self.template] if include_header else "") + content + END_OF_TURN[self.template]
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_many(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]  # in parallel
+
+    def encode_prompt(self, prompt: str | list[dict], add_generation_prompt: bool = True) -> list[int]:
+        return self.encode(self.render_prompt(prompt, add_generation_prompt))
+
+    def encode_response(self, text: str, include_header: bool = False) -> list[int]:
+        return self.encode(self.render_response(text, include_header))
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+
+# -----------------------------------------------------------------------------
+# Tokenizing and truncating
+
+
+@dataclass
+class TokenizedGroup:
+    prompt_ids: list[int]  # the rendered prompt, generation prompt included; one BOS first where the format has one
+    response_ids: list[list[int]]  # each response as scored: content + end-of-turn token (cut to max_length)
+    scores: list[float]  # one per response, higher is better
+    line: int  # where the group came from in its data file
+
+
+def _truncate(prompt: list[int], responses: list[list[int]], max_length, max_prompt_length, bos_id):
+    """Cut one group to the budget. An over-long prompt keeps its end (the question being asked,
+    and the generation prompt) behind its BOS; each response is cut so that prompt + response fits
+    max_length. Returns (prompt, responses, prompt_cut, n_responses_cut), or None when the prompt
+    leaves no room for a response."""
+    prompt_cut = max_prompt_length is not None and len(prompt) > max_prompt_length
+    if prompt_cut:
+        head = prompt[:1] if bos_id is not None and prompt[:1] == [bos_id] else []
+        prompt = head + prompt[len(prompt) - (max_prompt_length - len(head)):]
+    if max_length is None:
+        return prompt, responses, prompt_cut, 0
+    room = max_length - len(prompt)
+    if room <= 0:
+        return None
+    return prompt, [r[:room] for r in responses], prompt_cut, sum(len(r) > room for r in responses)
+
+
+def tokenize_groups(groups: list[Group], tok: ChatTokenizer, max_length: int | None, max_prompt_length: int | None,
+                    min_responses: int = 2, include_header: bool = False) -> tuple[list[TokenizedGroup], Report]:
+    """Tokenize groups and cut them to max_length tokens per prompt + response, prompts to
+    max_prompt_length (None: no limit of their own, so a prompt that fills max_length skips its
+    group). With include_header=True the assistant header moves from the prompt to every response.
+    Groups a caller built by hand are checked for the same skips as read_groups applies."""
+    if max_length is not None and max_prompt_length is not None and max_prompt_length < 1:
+        raise ValueError(f"max_prompt_length must be positive, got {max_prompt_length}")
+    report = Report(source="tokenize")
+    prompts = []
+    for g in groups:
+        try:
+            prompts.append(tok.render_prompt(g.prompt, add_generation_prompt=not include_header))
+        except ValueError as e:
+            raise DataError(f"group from line {g.line}: {e}") from None
+    prompt_ids = tok.encode_many(prompts)
+    response_ids = tok.encode_many([tok.render_response(r, include_header) for g in groups for r in g.responses])
+    out, i = [], 0
+    for g, p in zip(groups, prompt_ids):
+        rs, i = response_ids[i:i + len(g.responses)], i + len(g.responses)
+        report.rows += 1
+        reason = _unusable(g.responses, g.scores, min_responses)
+        cut = None if reason else _truncate(p, rs, max_length, max_prompt_length, tok.bos_id)
+        if cut is None:
+            report.skip(reason or PROMPT_FILLS, g.line)
+            continue
+        p, rs, prompt_cut, n_cut = cut
+        report.truncated_prompts += prompt_cut
+        report.truncated_responses += n_cut
+        out.append(TokenizedGroup(p, rs, list(g.scores), g.line))
+    report.kept = len(out)
+    return out, report
+
+
+# -----------------------------------------------------------------------------
+# Scores for the point-wise losses
+
+
+def scale_scores(groups: list, score_range: tuple[float, float] | None = None) -> tuple[list, str]:
+    """Map scores into [0, 1], where Point-CE and Point-MSE (Eq. 6-7) need them, and say how.
+
+    The rule is chosen once from every score of the data set, so a group's scaling never depends
+    on which scores it happens to hold:
+      score_range=(lo, hi) given: (s - lo) / (hi - lo); a score outside [lo, hi] is an error.
+      every score in [0, 1]: unchanged.
+      every score in [0, 10]: s / 10, as the paper does with UltraFeedback's 1-10 ratings.
+      otherwise (reward-model logits, say): an error asking for score_range, since the ends of an
+      open scale cannot be read off the data without making every data set's best answer a 1.
+    Works on Group and TokenizedGroup alike; returns new groups and a one-line description."""
+    flat = [s for g in groups for s in g.scores]
+    if not flat:
+        return list(groups), "no scores"
+    lo_seen, hi_seen = min(flat), max(flat)
+    if score_range is not None:
+        lo, hi = score_range
+        if not hi > lo:
+            raise ValueError(f"score_range {score_range}: the upper end must exceed the lower")
+        if lo_seen < lo or hi_seen > hi:
+            raise ValueError(f"scores span [{lo_seen:g}, {hi_seen:g}], outside score_range [{lo:g}, {hi:g}]")
+        rule = f"(score - {lo:g}) / {hi - lo:g}"
+    elif 0 <= lo_seen and hi_seen <= 1:
+        return list(groups), "scores in [0, 1], unchanged"
+    elif 0 <= lo_seen and hi_seen <= 10:
+        lo, hi, rule = 0.0, 10.0, "score / 10 (scores in [0, 10])"
+    else:
+        raise ValueError(f"scores span [{lo_seen:g}, {hi_seen:g}]: the point-wise losses need scores in [0, 1]; "
+                         "give the scale's range (score_range=(lo, hi)) to map it linearly")
+    return [replace(g, scores=[(s - lo) / (hi - lo) for s in g.scores]) for g in groups], rule
+
+
+# -----------------------------------------------------------------------------
+# Batching
+
+
+class GroupLoader:
+    """Deterministic batches of groups for one DDP rank, with an exactly resumable position.
+
+    Every optimizer step takes `batch_size` groups (the global batch): rank r gets the r-th slice
+    of batch_size // world_size of them, so the ranks see disjoint groups and together the whole
+    batch. Each epoch visits the groups in a permutation drawn from (seed, epoch), the same on every
+    rank; the last len(groups) % batch_size groups of an epoch's order are dropped, so every step
+    is full. Iterating yields the remaining steps of the current epoch and then moves to the next
+    epoch (the caller loops over epochs); state_dict() after a yielded batch points at the step
+    after it, so a resumed run sees exactly the batches it has not seen yet."""
+
+    def __init__(self, groups: list, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True):
+        if batch_size % world_size:
+            raise ValueError(f"batch_size {batch_size} is not divisible by world_size {world_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        if len(groups) < batch_size:
+            raise ValueError(f"{len(groups)} groups are fewer than one batch of {batch_size}")
+        self.groups, self.batch_size, self.rank, self.world_size = groups, batch_size, rank, world_size
+        self.seed, self.shuffle = seed, shuffle
+        self.epoch, self.step = 0, 0  # the next step to produce
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.groups) // self.batch_size
+
+    def order(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(len(self.groups))
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.groups))
+
+    def __iter__(self):
+        order, per_rank = self.order(self.epoch), self.batch_size // self.world_size
+        while self.step < self.steps_per_epoch:
+            start = self.step * self.batch_size + self.rank * per_rank
+            self.step += 1  # before the yield: a checkpoint taken with this batch in hand must not replay it
+            yield [self.groups[i] for i in order[start:start + per_rank]]
+        self.epoch, self.step = self.epoch + 1, 0
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch - self.step
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "step": self.step, "num_groups": len(self.groups), "batch_size": self.batch_size, "seed": self.seed}
+
+    def load_state_dict(self, state: dict):
+        for key in ("num_groups", "batch_size", "seed"):  # the order, and so the resume, depends on them
+            mine = self.state_dict()[key]
+            if key in state and state[key] != mine:
+                raise ValueError(f"loader state has {key}={state[key]}, but this loader has {mine}: the epoch order would differ")
+        if not 0 <= state["step"] <= self.steps_per_epoch:
+            raise ValueError(f"loader state step {state['step']} outside 0..{self.steps_per_epoch}")
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+
+
+def group_tokens(g: TokenizedGroup) -> int:
+    """Tokens of a group laid out with its prompt once: prompt + every response."""
+    return len(g.prompt_ids) + sum(map(len, g.response_ids))
+
+
+def micro_batches(groups: list[TokenizedGroup], micro_batch_size: int, max_tokens: int | None = None) -> list[list[TokenizedGroup]]:
+    """Split one rank's step into consecutive micro-batches of at most micro_batch_size groups and,
+    if max_tokens is given, at most max_tokens tokens (prompt + all responses). A group over
+    max_tokens by itself gets a micro-batch of its own."""
+    out, cur, cur_tokens = [], [], 0
+    for g in groups:
+        n = group_tokens(g)
+        if cur and (len(cur) == micro_batch_size or (max_tokens is not None and cur_tokens + n > max_tokens)):
+            out.append(cur)
+            cur, cur_tokens = [], 0
+        cur.append(g)
+        cur_tokens += n
+    if cur:
+        out.append(cur)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# python data.py --model DIR --data FILE: statistics to choose lengths by
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Print the statistics of a preference data set under a checkpoint's tokenizer.")
+    parser.add_argument("--model", required=True, help="checkpoint directory with tokenizer.json (and tokenizer_config.json)")
+    parser.add_argument("--data", required=True, help="data file, .jsonl or .json")
+    parser.add_argument("--format", choices=list(PARSERS), default=None, help="data format (default: detected from the first row)")
+    parser.add_argument("--template", choices=TEMPLATES, default=None, help="chat format (default: detected from the chat template)")
+    parser.add_argument("--max_length", type=int, default=2048, help="token budget of prompt + one response")
+    parser.add_argument("--max_prompt_length", type=int, default=1800, help="prompts longer than this keep their end")
+    parser.add_argument("--min_responses", type=int, default=2, help="groups with fewer responses are skipped (1 for SFT)")
+    parser.add_argument("--include_header", action="store_true", help="score the assistant header as part of each response")
+    args = parser.parse_args(argv)
+    try:
+        tok = ChatTokenizer.from_pretrained(args.model, args.template)
+        groups, report = read_groups(args.data, args.format, args.min_responses)
+        full, _ = tokenize_groups(groups, tok, None, None, args.min_responses, args.include_header)
+    except (OSError, ValueError) as e:  # DataError is a ValueError
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+    cut = Report(source=f"truncation to max_length {args.max_length}, max_prompt_length {args.max_prompt_length}")
+    for g in full:
+        cut.rows += 1
+        r = _truncate(g.prompt_ids, g.response_ids, args.max_length, args.max_prompt_length, tok.bos_id)
+        if r is None:
+            cut.skip(PROMPT_FILLS, g.line)
+            continue
+        cut.kept += 1
+        cut.truncated_prompts += r[2]
+        cut.truncated_responses += r[3]
+
+    def pct(xs):
+        q = np.percentile(xs, [50, 90, 95, 99]) if xs else [0] * 4
+        return "p50 {:.0f}  p90 {:.0f}  p95 {:.0f}  p99 {:.0f}  max {}".format(*q, max(xs, default=0))
+
+    k = Counter(len(g.response_ids) for g in full)
+    print(f"tokenizer: template {tok.template}, bos {tok.bos_id}, eos {tok.eos_id}, stop ids {sorted(tok.stop_ids)}, vocab {tok.vocab_size}")
+    print(report.summary())
+    print(f"groups: {len(full)}, responses: {sum(len(g.response_ids) for g in full)}")
+    print("responses per group: " + ", ".join(f"{n}: {k[n]}" for n in sorted(k)))
+    print("prompt tokens:            " + pct([len(g.prompt_ids) for g in full]))
+    print("response tokens:          " + pct([len(r) for g in full for r in g.response_ids]))
+    print("prompt + longest response: " + pct([len(g.prompt_ids) + max(map(len, g.response_ids)) for g in full]))
+    print("group tokens (packed):    " + pct([group_tokens(g) for g in full]))
+    print(cut.summary() if cut.skipped or cut.truncated_prompts or cut.truncated_responses else f"{cut.source}: nothing cut")
+
+
+if __name__ == "__main__":
+    main()
