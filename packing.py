@@ -311,7 +311,24 @@ def flex_block_mask(batch):
     return create_block_mask(mask_mod, R, None, T, T, device=doc.device)
 
 
-def response_logps(model, batch, chunk_size=1024, full_logits=False):
+def attention_for(model, batch, attn_impl="auto"):
+    """What to pass as the model's attn_mask: None (causal), the dense bool mask (SDPA), or a BlockMask.
+
+    attn_impl: 'sdpa', 'flex' (needs a model whose forward accepts a BlockMask), or 'auto': flex on
+    CUDA when the model declares `accepts_block_mask = True`, else SDPA. Flex is compiled only for
+    CUDA, and on CPU eager flex materialises the scores, so 'auto' never picks it there.
+    """
+    if attn_impl not in ("auto", "sdpa", "flex"):
+        raise ValueError(f"attn_impl must be 'auto', 'sdpa' or 'flex', got {attn_impl!r}")
+    if batch.attn_mask is None:
+        return None
+    if attn_impl == "auto":
+        flex_ok = batch.input_ids.is_cuda and getattr(unwrap(model), "accepts_block_mask", False)
+        attn_impl = "flex" if flex_ok else "sdpa"
+    return flex_block_mask(batch) if attn_impl == "flex" else batch.attn_mask
+
+
+def response_logps(model, batch, chunk_size=1024, full_logits=False, attn_impl="auto"):
     """(B, K) float32: mean log-prob of each response's tokens given its prompt; 0 in padding slots.
 
     The model is called through its own forward (so a DDP wrapper sees it) for the final hidden
@@ -320,10 +337,11 @@ def response_logps(model, batch, chunk_size=1024, full_logits=False):
     same backward, which fires DDP's hook and all-reduces it like any other parameter (with
     find_unused_parameters=True DDP would mark it unused at forward time and then fail).
 
-    full_logits=True is the straightforward computation (model logits for every position, a full
-    log-softmax), used by the naive baseline and as the reference in tests.
+    attn_impl: see attention_for(). full_logits=True is the straightforward computation (model
+    logits for every position, a full log-softmax), used by the naive baseline and as the
+    reference in tests.
     """
-    kwargs = dict(position_ids=batch.position_ids, attn_mask=batch.attn_mask)
+    kwargs = dict(position_ids=batch.position_ids, attn_mask=attention_for(model, batch, attn_impl))
     if full_logits:
         logits = model(batch.input_ids, **kwargs)  # (R, T, V)
         logprobs = logits.float().log_softmax(dim=-1)  # (R, T, V)

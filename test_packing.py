@@ -277,3 +277,38 @@ def test_bad_groups_raise_one_clear_line(bad, message):
     for layout in (packed_batch, padded_batch):
         with pytest.raises(PackingError, match=message.replace("(", r"\(").replace(")", r"\)")):
             layout([group([1], [[2]]), bad])
+
+
+def _ddp_worker(rank, world_size, init_file, out_file):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    grads = {}
+    for tie in (False, True):
+        model = tiny_model(tie=tie)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        groups = random_groups(seed=6, num_groups=4)[rank::world_size]
+        logps = response_logps(ddp, packed_batch(groups), chunk_size=4)
+        logps.sum().backward()  # DDP averages gradients over ranks
+        grads[tie] = {n: p.grad for n, p in model.named_parameters()}
+    if rank == 0:
+        torch.save(grads, out_file)
+    dist.destroy_process_group()
+
+
+def test_ddp_all_reduces_the_head_used_outside_forward(tmp_path):
+    """Two gloo processes, the model in DistributedDataParallel, each rank half the groups: every
+    gradient, lm_head's included (applied outside DDP's forward), equals the single-process
+    gradient of the mean of the two ranks' losses; with untied and tied embeddings."""
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "grads.pt"
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2)
+    got = torch.load(out)
+    for tie in (False, True):
+        model = tiny_model(tie=tie)
+        groups = random_groups(seed=6, num_groups=4)
+        loss = sum(response_logps(model, packed_batch(groups[r::2]), full_logits=True).sum() for r in range(2)) / 2
+        loss.backward()
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(got[tie][name], p.grad, rtol=1e-4, atol=1e-6, msg=f"tie={tie}: {name}")
