@@ -94,7 +94,10 @@ class LlamaConfig:
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
             if key not in d:
                 raise ConfigError(f"{source}: required key '{key}' is missing")
-        return cls(**d)
+        try:
+            return cls(**d)
+        except ConfigError as e:  # __post_init__'s checks, now with the file name
+            raise ConfigError(f"{source}: {e}") from None
 
     def to_dict(self):
         # RoPE goes out as the older rope_theta / rope_scaling keys: transformers v4 reads only those,
@@ -121,17 +124,19 @@ def _parse_rope(d, source):
             # transformers falls back to max_position_embeddings as well
             scaling["original_max_position_embeddings"] = int(rope.pop("original_max_position_embeddings", max_pos))
         elif rope_type != "default":
-            raise ConfigError(f"{source}: '{key}.rope_type' is {rope_type!r}; only 'default' and 'llama3' are supported")
+            raise ConfigError(f"{source}: '{key}.rope_type' is {rope_type!r}; "
+                              "only 'default' and 'llama3' are supported")
         if rope:
             raise ConfigError(f"{source}: unsupported key '{key}.{next(iter(rope))}' for rope_type {rope_type!r}")
         return theta, scaling
 
-    theta = d.pop("rope_theta", None)
-    old = parse(d.pop("rope_scaling", {}), theta if theta is not None else 10000.0, "rope_scaling")
+    theta, scaling = d.pop("rope_theta", None), d.pop("rope_scaling", None)
+    default_theta = theta if theta is not None else 10000.0
+    old = parse(scaling or {}, default_theta, "rope_scaling")
     if "rope_parameters" not in d:
         return old
-    new = parse(d.pop("rope_parameters"), theta if theta is not None else 10000.0, "rope_parameters")
-    if (theta is not None or old[1] is not None) and new != old:
+    new = parse(d.pop("rope_parameters"), default_theta, "rope_parameters")
+    if (theta is not None and new[0] != old[0]) or (scaling is not None and new[1] != old[1]):
         raise ConfigError(f"{source}: 'rope_parameters' disagrees with 'rope_theta'/'rope_scaling'")
     return new
 
@@ -151,7 +156,8 @@ def rope_inv_freq(config, device=None):
         return inv_freq
     # llama3: wavelengths shorter than old_len / high_freq_factor are kept, those longer than
     # old_len / low_freq_factor are stretched by `factor`, and the band in between is interpolated.
-    old_len, lo, hi, factor = s["original_max_position_embeddings"], s["low_freq_factor"], s["high_freq_factor"], s["factor"]
+    old_len, factor = s["original_max_position_embeddings"], s["factor"]
+    lo, hi = s["low_freq_factor"], s["high_freq_factor"]
     wavelen = 2 * math.pi / inv_freq
     smooth = (old_len / wavelen - lo) / (hi - lo)
     interpolated = (1 - smooth) * inv_freq / factor + smooth * inv_freq
@@ -204,7 +210,8 @@ class KVCache:
 class Attention(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.n_head, self.n_kv_head, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.n_head, self.n_kv_head = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = config.head_dim
         self.q_proj = nn.Linear(config.hidden_size, self.n_head * self.head_dim, bias=False)
         self.k_proj = nn.Linear(config.hidden_size, self.n_kv_head * self.head_dim, bias=False)
         self.v_proj = nn.Linear(config.hidden_size, self.n_kv_head * self.head_dim, bias=False)
@@ -327,12 +334,14 @@ class Llama(nn.Module):
                         raise CheckpointError(f"{file}: tensor '{name}' also appears in another shard")
                     shape = tuple(f.get_slice(name).get_shape())
                     if shape != expected[name]:
-                        raise CheckpointError(f"{file}: tensor '{name}' has shape {shape}, config.json implies {expected[name]}")
+                        raise CheckpointError(f"{file}: tensor '{name}' has shape {shape}, "
+                                              f"config.json implies {expected[name]}")
                     # one tensor at a time, straight into its final dtype/device: no second copy of the model
                     state[name] = f.get_tensor(name).to(device=device, dtype=dtype)
         missing = [name for name in expected if name not in state]
         if missing:
-            raise CheckpointError(f"{where}: missing tensor '{missing[0]}'" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise CheckpointError(f"{where}: missing tensor '{missing[0]}'{more}")
         if tied:
             state["lm_head.weight"] = state["model.embed_tokens.weight"]
         model.load_state_dict(state, strict=True, assign=True)
@@ -359,6 +368,7 @@ class Llama(nn.Module):
         # write next to the target (same file system, so the final rename is atomic); a crash leaves
         # at worst a hidden .tmp folder, never a half checkpoint under the final name
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         try:
@@ -378,13 +388,14 @@ class Llama(nn.Module):
             for name in TOKENIZER_FILES if source is not None else ():
                 if (Path(source) / name).is_file():
                     shutil.copy2(Path(source) / name, tmp / name)
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
             if path.exists():
                 path.rename(old)
             tmp.rename(path)
             shutil.rmtree(old, ignore_errors=True)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
+            if old.exists() and not path.exists():  # died between the two renames: put the old one back
+                old.rename(path)
             raise
 
 
@@ -393,7 +404,10 @@ def _checkpoint_files(path):
     index = path / "model.safetensors.index.json"
     if index.is_file():
         shards = {}
-        for name, shard in json.loads(index.read_text())["weight_map"].items():
+        weight_map = json.loads(index.read_text()).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: no 'weight_map'")
+        for name, shard in weight_map.items():
             shards.setdefault(shard, []).append(name)
         for shard in shards:
             if not (path / shard).is_file():

@@ -1,0 +1,409 @@
+"""
+Tests for model.py: parity with transformers' LlamaForCausalLM on tiny random checkpoints that
+transformers itself writes, packed shared-prompt attention, KV-cache generation, gradient
+checkpointing, save/load round trips and the errors for refused configs and broken checkpoints.
+
+Run: python -m pytest -q test_model.py
+"""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+import model as model_module
+from model import CheckpointError, ConfigError, Llama, LlamaConfig, generate, sample_token
+
+transformers.logging.set_verbosity_error()
+
+LLAMA3 = dict(rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+              original_max_position_embeddings=64)  # with head_dim 16 this puts frequencies in all three llama3 bands
+EXTRA_FILES = {"tokenizer.json": '{"model": "dummy"}\n', "chat_template.jinja": "{{ messages }}\n"}
+
+
+def make_checkpoint(path, seed=0, shard=False, old_style=False, rope=LLAMA3, tie=True, nkv=2, head_dim=None):
+    """Write a tiny random Llama checkpoint with transformers' own save_pretrained; return the HF model.
+    Weights are redrawn at unit-ish scale so logits spread out (HF's 0.02 init gives near-constant logits)."""
+    config = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=nkv, head_dim=head_dim, max_position_embeddings=256, rms_norm_eps=1e-5,
+        rope_parameters=dict(rope), tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2)
+    hf = transformers.LlamaForCausalLM(config).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(2 * torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
+    hf.save_pretrained(path, max_shard_size="20KB" if shard else "10MB")
+    for name, text in EXTRA_FILES.items():
+        (path / name).write_text(text)
+    if old_style:  # rewrite config.json with the keys transformers < 5 wrote
+        d = json.loads((path / "config.json").read_text())
+        rope_parameters = d.pop("rope_parameters")
+        d["rope_theta"] = rope_parameters.pop("rope_theta")
+        rope_type = rope_parameters.pop("rope_type")
+        d["rope_scaling"] = None if rope_type == "default" else {"type": rope_type, **rope_parameters}
+        d["torch_dtype"] = d.pop("dtype")
+        (path / "config.json").write_text(json.dumps(d))
+    return hf
+
+
+def random_ids(B, T, seed=0):
+    return torch.randint(0, 128, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+PARITY_CASES = {
+    "gqa-llama3-tied-sharded-newkeys": dict(shard=True),
+    "gqa-llama3-untied-single-oldkeys": dict(old_style=True, tie=False, rope={**LLAMA3, "rope_theta": 500000.0}),
+    "mha-headdim8-default-untied-sharded-oldkeys": dict(shard=True, old_style=True, tie=False, nkv=4, head_dim=8,
+                                                       rope=dict(rope_type="default", rope_theta=10000.0)),
+    "gqa-default-tied-single-newkeys": dict(rope=dict(rope_type="default", rope_theta=10000.0)),
+}
+
+
+@pytest.mark.parametrize("case", PARITY_CASES)
+def test_parity_with_transformers(tmp_path, case):
+    """Our logits and final hidden states vs transformers' LlamaForCausalLM on the checkpoint it wrote,
+    float32, 100 positions (beyond original_max_position_embeddings=64 where llama3 scaling applies)."""
+    hf = make_checkpoint(tmp_path, **PARITY_CASES[case])
+    ours = Llama.from_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors.index.json").exists() == PARITY_CASES[case].get("shard", False)
+    ids = random_ids(2, 100)
+    with torch.no_grad():
+        ref = hf(ids)
+        hidden = hf.model(ids).last_hidden_state
+        logits = ours(ids)
+    assert logits.shape == (2, 100, 128) and logits.dtype == torch.float32
+    assert ref.logits.std() > 1  # logits are spread out, so the comparison is not vacuous
+    assert (logits - ref.logits).abs().max() <= 1e-4
+    assert (ours(ids, return_hidden=True) - hidden).abs().max() <= 1e-4
+
+
+def test_tolerated_extra_tensors(tmp_path):
+    """A tied checkpoint whose file also holds lm_head.weight and a stale rotary_emb.inv_freq (as older
+    transformers saved) loads, keeps lm_head tied to embed_tokens, and matches transformers' logits."""
+    hf = make_checkpoint(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
+    state["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    ours = Llama.from_pretrained(tmp_path)
+    assert ours.lm_head.weight is ours.model.embed_tokens.weight
+    ids = random_ids(1, 20)
+    with torch.no_grad():
+        assert (ours(ids) - hf(ids).logits).abs().max() <= 1e-4
+
+
+def segment_mask_and_positions(segments):
+    """Naive reference for a packed row: segments is a list of (kind, length, group) with kind 'prompt',
+    'response' or 'pad'. A response attends to its group's prompt and causally to itself; positions
+    continue from the end of the prompt. Padding attends only to itself."""
+    T = sum(n for _, n, _ in segments)
+    mask, pos, starts, t = torch.zeros(T, T, dtype=torch.bool), torch.zeros(T, dtype=torch.long), [], 0
+    prompt = {}
+    for kind, n, group in segments:
+        for i in range(n):
+            q = t + i
+            if kind == "pad":
+                mask[q, q] = True
+                continue
+            p0, plen = prompt.get(group, (t, 0)) if kind == "response" else (t, 0)
+            for k in range(p0, p0 + plen):
+                mask[q, k] = True
+            for k in range(t, q + 1):
+                mask[q, k] = True
+            pos[q] = plen + i
+        if kind == "prompt":
+            prompt[group] = (t, n)
+        starts.append(t)
+        t += n
+    return mask, pos, starts
+
+
+def test_packed_shared_prompt_matches_separate_runs(tmp_path):
+    """Two rows, each [prompt | r1 | r2 | ...] (row 2 padded, and holding two groups), in one forward with a
+    bool mask and continuing positions, vs running every prompt+response separately: the logits of each
+    prompt and response token agree to 1e-5 in float32."""
+    make_checkpoint(tmp_path)
+    model = Llama.from_pretrained(tmp_path)
+    rows = [[("prompt", 7, 0), ("response", 5, 0), ("response", 3, 0), ("response", 4, 0)],
+            [("prompt", 4, 1), ("response", 6, 1), ("prompt", 3, 2), ("response", 2, 2), ("pad", 4, None)]]
+    ids = random_ids(2, 19, seed=1)
+    masks, positions = [], []
+    for segments in rows:
+        mask, pos, _ = segment_mask_and_positions(segments)
+        masks.append(mask)
+        positions.append(pos)
+    with torch.no_grad():
+        packed = model(ids, position_ids=torch.stack(positions), attn_mask=torch.stack(masks))
+    checked = 0
+    for b, segments in enumerate(rows):
+        _, _, starts = segment_mask_and_positions(segments)
+        prompts = {}  # group -> (start, length) of its prompt in this row
+        for (kind, n, group), s in zip(segments, starts):
+            if kind == "prompt":
+                prompts[group] = (s, n)
+            elif kind == "response":
+                p, P = prompts[group]
+                alone = torch.cat([ids[b, p:p + P], ids[b, s:s + n]])[None]  # (1, P + n)
+                with torch.no_grad():
+                    ref = model(alone)[0]  # (P + n, V)
+                assert (packed[b, p:p + P] - ref[:P]).abs().max() <= 1e-5
+                assert (packed[b, s:s + n] - ref[P:]).abs().max() <= 1e-5
+                checked += 1
+    assert checked == 5
+
+
+def naive_greedy(model, ids, n):
+    """Argmax decoding with a full forward over the whole sequence at every step (no cache)."""
+    ids, new = list(ids), []
+    for _ in range(n):
+        with torch.no_grad():
+            new.append(int(model(torch.tensor([ids + new]))[0, -1].argmax()))
+    return new
+
+
+def test_generate_matches_full_forward_argmax(tmp_path):
+    """KV-cache greedy generation vs argmax decoding with full forwards; stop_ids cut the output after the
+    first stop token; nucleus sampling with a vanishing top_p can only pick the argmax."""
+    make_checkpoint(tmp_path)
+    model = Llama.from_pretrained(tmp_path)
+    prompt = random_ids(1, 9, seed=2)[0].tolist()
+    ref = naive_greedy(model, prompt, 16)
+    assert len(set(ref)) > 3  # not a degenerate repeat-one-token sequence
+    assert generate(model, prompt, 16) == ref
+    assert generate(model, torch.tensor([prompt]), 16) == ref
+    stop = ref[5]
+    assert generate(model, prompt, 16, stop_ids=[stop]) == ref[:ref.index(stop) + 1]
+    g = torch.Generator().manual_seed(0)
+    assert generate(model, prompt, 16, temperature=1.0, top_p=1e-6, generator=g) == ref
+
+
+def test_generate_bfloat16(tmp_path):
+    """A bfloat16 model generates (cache and sampling stay dtype-consistent); its first greedy token equals
+    the argmax of a full bfloat16 forward."""
+    make_checkpoint(tmp_path)
+    model = Llama.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert model.lm_head.weight.dtype == torch.bfloat16
+    prompt = random_ids(1, 9, seed=2)[0].tolist()
+    out = generate(model, prompt, 8, temperature=0.7, top_p=0.9, generator=torch.Generator().manual_seed(0))
+    assert len(out) == 8 and all(0 <= t < 128 for t in out)
+    assert generate(model, prompt, 1) == naive_greedy(model, prompt, 1)
+
+
+def test_top_p_support():
+    """Probabilities (0.5, 0.3, 0.15, 0.05) with top_p=0.7: the mass before token 1 is 0.5 < 0.7, before
+    token 2 it is 0.8 >= 0.7, so only tokens {0, 1} can be drawn; top_p=1 can draw all four."""
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
+    g = torch.Generator().manual_seed(0)
+    assert {sample_token(logits, 1.0, 0.7, g) for _ in range(300)} == {0, 1}
+    assert {sample_token(logits, 1.0, 1.0, g) for _ in range(300)} == {0, 1, 2, 3}
+
+
+def test_gradient_checkpointing_same_gradients(tmp_path):
+    """Gradients of a packed-mask cross-entropy with gradient checkpointing on vs off are identical, and
+    checkpointing really recomputes (each block's forward runs twice)."""
+    make_checkpoint(tmp_path)
+    model = Llama.from_pretrained(tmp_path).train()
+    ids = random_ids(2, 19, seed=3)
+    mask, pos, _ = segment_mask_and_positions([("prompt", 7, 0), ("response", 5, 0), ("response", 7, 0)])
+    calls = []
+    model.model.layers[0].register_forward_pre_hook(lambda *_: calls.append(1))
+
+    def grads(checkpointing):
+        model.gradient_checkpointing = checkpointing
+        model.zero_grad()
+        calls.clear()
+        logits = model(ids, position_ids=pos.expand(2, -1), attn_mask=mask.expand(2, -1, -1))
+        torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 128), ids[:, 1:].reshape(-1)).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}, len(calls)
+
+    plain, plain_calls = grads(False)
+    ckpt, ckpt_calls = grads(True)
+    assert (plain_calls, ckpt_calls) == (1, 2)
+    for name in plain:
+        torch.testing.assert_close(ckpt[name], plain[name], rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_save_load_round_trip(tmp_path, tie):
+    """save_pretrained -> from_pretrained is bit-exact; the folder has the HF sharded layout, no lm_head when
+    tied, the source's tokenizer/generation files; transformers loads it and gives the same logits."""
+    make_checkpoint(tmp_path / "src", shard=True, tie=tie)
+    model = Llama.from_pretrained(tmp_path / "src")
+    out = tmp_path / "out"
+    model.save_pretrained(out, max_shard_size=40_000)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 1 and files == [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))]
+    assert ("lm_head.weight" in index["weight_map"]) != tie
+    shards = {f: load_file(out / f) for f in files}
+    assert index["metadata"]["total_size"] == sum(t.numel() * 4 for s in shards.values() for t in s.values())
+    for f in files:
+        with open(out / f, "rb") as fh:  # safetensors header: 8-byte length, then JSON holding __metadata__
+            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        assert header["__metadata__"] == {"format": "pt"}
+    for name in [*EXTRA_FILES, "generation_config.json"]:
+        assert (out / name).read_bytes() == (tmp_path / "src" / name).read_bytes()
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temporary folders left behind
+
+    loaded = Llama.from_pretrained(out)
+    before, after = model.state_dict(), loaded.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = random_ids(2, 90)
+    with torch.no_grad():
+        assert (hf(ids).logits - model(ids)).abs().max() <= 1e-4
+
+
+def test_bfloat16_round_trip(tmp_path):
+    """A model loaded in bfloat16 saves bfloat16 tensors and torch_dtype, and reloads bit-exactly."""
+    make_checkpoint(tmp_path / "src")
+    model = Llama.from_pretrained(tmp_path / "src", dtype="bfloat16")
+    model.save_pretrained(tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    loaded = Llama.from_pretrained(tmp_path / "out", dtype=torch.bfloat16)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+
+
+def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    """A save that dies after writing one shard leaves the checkpoint previously saved at that name intact
+    and no temporary folder; a later successful save replaces it completely."""
+    make_checkpoint(tmp_path / "src")
+    model = Llama.from_pretrained(tmp_path / "src")
+    out = tmp_path / "ckpt"
+    model.save_pretrained(out, max_shard_size=40_000)
+    first = {f: (out / f).read_bytes() for f in os.listdir(out)}
+
+    real_save_file, written = model_module.save_file, []
+
+    def dying_save_file(tensors, filename, metadata=None):
+        if written:
+            raise KeyboardInterrupt("simulated crash")
+        written.append(filename)
+        real_save_file(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(model_module, "save_file", dying_save_file)
+    with torch.no_grad():
+        model.model.norm.weight.add_(1.0)
+    with pytest.raises(KeyboardInterrupt):
+        model.save_pretrained(out, max_shard_size=40_000)
+    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == first
+    assert sorted(os.listdir(tmp_path)) == ["ckpt", "src"]
+
+    monkeypatch.setattr(model_module, "save_file", real_save_file)
+    model.save_pretrained(out)
+    assert sorted(os.listdir(tmp_path)) == ["ckpt", "src"]
+    assert torch.equal(Llama.from_pretrained(out).model.norm.weight, model.model.norm.weight)
+    assert not (out / "model-00002-of-00002.safetensors").exists()
+
+
+BASE_CONFIG = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128, hidden_size=64,
+                   intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                   rope_parameters=dict(LLAMA3))
+REFUSED = {
+    "other-architecture": (dict(architectures=["MistralForCausalLM"]), "'architectures'"),
+    "model-type": (dict(model_type="mistral"), "'model_type'"),
+    "attention-bias": (dict(attention_bias=True), "'attention_bias'"),
+    "mlp-bias": (dict(mlp_bias=True), "'mlp_bias'"),
+    "activation": (dict(hidden_act="gelu"), "'hidden_act'"),
+    "unknown-key": (dict(sliding_window=4096), "'sliding_window'"),
+    "gqa-heads": (dict(num_key_value_heads=3), "'num_key_value_heads'"),
+    "missing-size": (dict(hidden_size=None), "'hidden_size'"),
+    "rope-type-new": (dict(rope_parameters=dict(rope_type="yarn", factor=4.0)), "'rope_parameters.rope_type'"),
+    "rope-type-old": (dict(rope_parameters=None, rope_scaling=dict(type="linear", factor=2.0)), "'rope_scaling.rope_type'"),
+    "rope-missing-factor": (dict(rope_parameters=dict(rope_type="llama3", low_freq_factor=1.0, high_freq_factor=4.0)),
+                            "'rope_parameters.factor'"),
+    "rope-unknown-key": (dict(rope_parameters={**LLAMA3, "mscale": 1.0}), "'rope_parameters.mscale'"),
+    "rope-conflict": (dict(rope_theta=500000.0), "'rope_parameters' disagrees"),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED)
+def test_refused_configs(tmp_path, case):
+    """Each config the model cannot honour raises ConfigError naming config.json and the key."""
+    change, match = REFUSED[case]
+    d = {k: v for k, v in {**BASE_CONFIG, **change}.items() if v is not None}
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    with pytest.raises(ConfigError, match=match) as err:
+        LlamaConfig.from_json(tmp_path / "config.json")
+    assert str(tmp_path / "config.json") in str(err.value)
+
+
+def test_accepted_config_spellings():
+    """Old keys (rope_theta + rope_scaling with 'type'), new rope_parameters, and both at once when they
+    agree, all give the same config; null values count as absent."""
+    old = {**BASE_CONFIG, "rope_parameters": None, "rope_theta": 10000.0, "torch_dtype": "bfloat16",
+           "rope_scaling": {k if k != "rope_type" else "type": v for k, v in LLAMA3.items() if k != "rope_theta"}}
+    both = {**BASE_CONFIG, "rope_theta": 10000.0, "head_dim": None, "pad_token_id": None}
+    configs = [LlamaConfig.from_dict(d) for d in (old, BASE_CONFIG, both)]
+    assert configs[0] == configs[1] == configs[2]
+    assert configs[0].rope_scaling == {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    assert (configs[0].head_dim, configs[0].num_key_value_heads) == (16, 2)
+    assert LlamaConfig.from_dict(configs[0].to_dict()) == configs[0]
+
+
+def _rewrite(file, edit):
+    state = load_file(file)
+    edit(state)
+    save_file(state, file, metadata={"format": "pt"})
+
+
+def _single_missing(p):
+    _rewrite(p / "model.safetensors", lambda s: s.pop("model.layers.1.mlp.up_proj.weight"))
+    return "model.layers.1.mlp.up_proj.weight", "model.safetensors"
+
+
+def _single_shape(p):
+    _rewrite(p / "model.safetensors", lambda s: s.update({"model.norm.weight": torch.ones(65)}))
+    return r"'model.norm.weight' has shape \(65,\)", "model.safetensors"
+
+
+def _single_unexpected(p):
+    _rewrite(p / "model.safetensors", lambda s: s.update({"model.layers.0.self_attn.q_proj.bias": torch.zeros(64)}))
+    return "unexpected tensor 'model.layers.0.self_attn.q_proj.bias'", "model.safetensors"
+
+
+def _shard_missing(p):
+    index = json.loads((p / "model.safetensors.index.json").read_text())
+    shard = index["weight_map"]["model.layers.1.self_attn.k_proj.weight"]
+    os.remove(p / shard)
+    return f"shard '{shard}' is missing", "model.safetensors.index.json"
+
+
+def _shard_missing_tensor(p):
+    index = json.loads((p / "model.safetensors.index.json").read_text())
+    name = "model.layers.0.mlp.down_proj.weight"
+    _rewrite(p / index["weight_map"][name], lambda s: s.pop(name))
+    return f"missing tensor '{name}'", index["weight_map"][name]
+
+
+def _shard_unlisted(p):
+    index = json.loads((p / "model.safetensors.index.json").read_text())
+    del index["weight_map"]["model.embed_tokens.weight"]
+    (p / "model.safetensors.index.json").write_text(json.dumps(index))
+    return "missing tensor 'model.embed_tokens.weight'", "model.safetensors.index.json"
+
+
+BROKEN = {"missing-tensor": (_single_missing, False), "wrong-shape": (_single_shape, False),
+          "unexpected-tensor": (_single_unexpected, False), "missing-shard": (_shard_missing, True),
+          "shard-lacks-listed-tensor": (_shard_missing_tensor, True), "tensor-not-in-index": (_shard_unlisted, True)}
+
+
+@pytest.mark.parametrize("case", BROKEN)
+def test_broken_checkpoints(tmp_path, case):
+    """Each broken checkpoint raises CheckpointError naming the tensor (or shard) and the file."""
+    break_it, shard = BROKEN[case]
+    make_checkpoint(tmp_path, shard=shard)
+    what, file = break_it(tmp_path)
+    with pytest.raises(CheckpointError, match=what) as err:
+        Llama.from_pretrained(tmp_path)
+    assert file in str(err.value)
