@@ -17,11 +17,15 @@ row (or named with format=):
     pairwise       prompt, chosen, rejected [, score_chosen, score_rejected]  (e.g. HuggingFaceH4/ultrafeedback_binarized)
     rrhf           query, responses, scores
 
-each as .jsonl or as a .json list. Print the statistics of a data set before training with
+each as .jsonl or as a .json list. A structural problem (broken JSON, a missing or mistyped
+field, responses and scores of different lengths, a non-finite score) is a DataError naming the
+file, line and field; a well-formed row that cannot be trained on is skipped and counted, never
+dropped silently. Print the statistics of a data set before training with
 
     python data.py --model path/to/checkpoint --data train.jsonl --max_length 2048 --max_prompt_length 1800
 
-Depends on torch-free libraries only: tokenizers, numpy and the standard library.
+Uses tokenizers, numpy and the standard library: no torch, no transformers (chat templates are
+rendered in plain Python and checked against transformers in test_data.py).
 """
 
 import argparse
@@ -47,6 +51,7 @@ class DataError(ValueError):
 @dataclass
 class Group:
     prompt: str | list[dict]  # a string is one user message; else {"role", "content"} messages, earlier turns included
+    # (a conversation of a single user message is stored as its string: the two render identically)
     responses: list[str]  # candidate answers to the prompt
     scores: list[float]  # one per response, higher is better
     line: int  # 1-based line of a .jsonl file, or 0-based element index of a .json list
@@ -57,7 +62,7 @@ FEW_RESPONSES = "fewer than {} responses"
 EQUAL_SCORES = "all scores equal"
 EMPTY_RESPONSE = "an empty response"
 PROMPT_FILLS = "prompt fills max_length"
-UNRATED = "completions without a usable rating (dropped from their group)"
+UNRATED = "UltraFeedback completions without a usable rating"
 
 
 @dataclass
@@ -289,6 +294,13 @@ def _unusable(responses: list[str], scores: list[float], min_responses: int) -> 
 def _rows(path: str):
     """Yield (where, line, row): every row of a .jsonl file (1-based line numbers, blank lines
     ignored) or a .json list (0-based element indices)."""
+    try:
+        yield from _parse_rows(path)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+
+
+def _parse_rows(path: str):
     with open(path, encoding="utf-8") as f:
         if path.endswith(".json"):
             try:
@@ -383,11 +395,15 @@ class ChatTokenizer:
     Prompts and responses are rendered to text exactly as transformers' apply_chat_template renders
     the Llama 3 and ChatML templates, then tokenized without the post-processor's special tokens (as
     apply_chat_template does), so a prompt has exactly one BOS even when the post-processor adds one.
-    The prompt is tokenized on its own, as at generation time; so is each response. For Llama 3 the
-    two concatenate to apply_chat_template of the whole conversation: the header ends in "\\n\\n" and
-    the content is stripped, so no token can span the boundary. For ChatML the same holds unless a
-    response starts with a newline, and the "\\n" the template writes after <|im_end|> is not scored:
-    the model stops at <|im_end|> and never generates it."""
+
+    The prompt is tokenized on its own, exactly as the model sees it when generating, and so is each
+    response. With the pre-tokenizers of Llama 3 and Qwen, which make a run of newlines a piece of
+    its own, the two concatenate to apply_chat_template of the whole conversation: the Llama 3
+    header ends in "\\n\\n" and the content is stripped, so no token spans the boundary; for ChatML
+    the same holds unless a response starts with a newline. (GPT-2's byte-level split cuts
+    "\\n\\nText" into "\\n" "\\n" "Text" but keeps a final "\\n\\n" whole, so there the two differ
+    at the boundary.) The "\\n" ChatML writes after <|im_end|> is not scored: the model stops at
+    <|im_end|> and never generates it."""
 
     def __init__(self, tokenizer: Tokenizer, template: str, bos_token: str | None = None, eos_token: str | None = None,
                  pad_token: str | None = None, default_system: str | None = None, add_bos: bool | None = None,
@@ -471,7 +487,8 @@ class ChatTokenizer:
                    extra_stop_ids=ids(gen.get("eos_token_id")))
 
     def render_prompt(self, prompt: str | list[dict], add_generation_prompt: bool = True) -> str:
-        """The prompt as text, equal to apply_chat_template(messages, tokenize=False, add_generation_prompt=...)."""
+        """The prompt as text, equal to apply_chat_template(messages, tokenize=False, add_generation_prompt=...);
+        for template 'none', BOS and the raw text."""
         bos = self.bos_token if self.add_bos else ""
         if self.template == "none":
             if not isinstance(prompt, str):
@@ -545,9 +562,9 @@ def tokenize_groups(groups: list[Group], tok: ChatTokenizer, max_length: int | N
     max_prompt_length (None: no limit of their own, so a prompt that fills max_length skips its
     group). With include_header=True the assistant header moves from the prompt to every response.
     Groups a caller built by hand are checked for the same skips as read_groups applies."""
-    if max_length is not None and max_prompt_length is not None and max_prompt_length < 1:
+    if max_prompt_length is not None and max_prompt_length < 1:
         raise ValueError(f"max_prompt_length must be positive, got {max_prompt_length}")
-    report = Report(source="tokenize")
+    report = Report(source=f"tokenized to max_length {max_length}, max_prompt_length {max_prompt_length}")
     prompts = []
     for g in groups:
         try:
@@ -577,7 +594,7 @@ def tokenize_groups(groups: list[Group], tok: ChatTokenizer, max_length: int | N
 # Scores for the point-wise losses
 
 
-def scale_scores(groups: list, score_range: tuple[float, float] | None = None) -> tuple[list, str]:
+def scale_scores(groups: list, score_range: tuple[float, float] | None = None) -> list:
     """Map scores into [0, 1], where Point-CE and Point-MSE (Eq. 6-7) need them, and say how.
 
     The rule is chosen once from every score of the data set, so a group's scaling never depends
@@ -587,10 +604,10 @@ def scale_scores(groups: list, score_range: tuple[float, float] | None = None) -
       every score in [0, 10]: s / 10, as the paper does with UltraFeedback's 1-10 ratings.
       otherwise (reward-model logits, say): an error asking for score_range, since the ends of an
       open scale cannot be read off the data without making every data set's best answer a 1.
-    Works on Group and TokenizedGroup alike; returns new groups and a one-line description."""
+    Works on Group and TokenizedGroup alike; returns new groups."""
     flat = [s for g in groups for s in g.scores]
     if not flat:
-        return list(groups), "no scores"
+        return list(groups)
     lo_seen, hi_seen = min(flat), max(flat)
     if score_range is not None:
         lo, hi = score_range
@@ -598,15 +615,14 @@ def scale_scores(groups: list, score_range: tuple[float, float] | None = None) -
             raise ValueError(f"score_range {score_range}: the upper end must exceed the lower")
         if lo_seen < lo or hi_seen > hi:
             raise ValueError(f"scores span [{lo_seen:g}, {hi_seen:g}], outside score_range [{lo:g}, {hi:g}]")
-        rule = f"(score - {lo:g}) / {hi - lo:g}"
     elif 0 <= lo_seen and hi_seen <= 1:
-        return list(groups), "scores in [0, 1], unchanged"
+        return list(groups)
     elif 0 <= lo_seen and hi_seen <= 10:
-        lo, hi, rule = 0.0, 10.0, "score / 10 (scores in [0, 10])"
+        lo, hi = 0.0, 10.0
     else:
         raise ValueError(f"scores span [{lo_seen:g}, {hi_seen:g}]: the point-wise losses need scores in [0, 1]; "
                          "give the scale's range (score_range=(lo, hi)) to map it linearly")
-    return [replace(g, scores=[(s - lo) / (hi - lo) for s in g.scores]) for g in groups], rule
+    return [replace(g, scores=[(s - lo) / (hi - lo) for s in g.scores]) for g in groups]
 
 
 # -----------------------------------------------------------------------------
@@ -651,9 +667,6 @@ class GroupLoader:
             self.step += 1  # before the yield: a checkpoint taken with this batch in hand must not replay it
             yield [self.groups[i] for i in order[start:start + per_rank]]
         self.epoch, self.step = self.epoch + 1, 0
-
-    def __len__(self) -> int:
-        return self.steps_per_epoch - self.step
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "step": self.step, "num_groups": len(self.groups), "batch_size": self.batch_size, "seed": self.seed}
@@ -733,10 +746,10 @@ def main(argv=None):
     print(report.summary())
     print(f"groups: {len(full)}, responses: {sum(len(g.response_ids) for g in full)}")
     print("responses per group: " + ", ".join(f"{n}: {k[n]}" for n in sorted(k)))
-    print("prompt tokens:            " + pct([len(g.prompt_ids) for g in full]))
-    print("response tokens:          " + pct([len(r) for g in full for r in g.response_ids]))
-    print("prompt + longest response: " + pct([len(g.prompt_ids) + max(map(len, g.response_ids)) for g in full]))
-    print("group tokens (packed):    " + pct([group_tokens(g) for g in full]))
+    print(f"{'prompt tokens:':28}" + pct([len(g.prompt_ids) for g in full]))
+    print(f"{'response tokens:':28}" + pct([len(r) for g in full for r in g.response_ids]))
+    print(f"{'prompt + longest response:':28}" + pct([len(g.prompt_ids) + max(map(len, g.response_ids)) for g in full]))
+    print(f"{'prompt + all responses:':28}" + pct([group_tokens(g) for g in full]))
     print(cut.summary() if cut.skipped or cut.truncated_prompts or cut.truncated_responses else f"{cut.source}: nothing cut")
 
 
