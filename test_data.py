@@ -14,7 +14,6 @@ import json
 import os
 import re
 
-import numpy as np
 import pytest
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
@@ -26,7 +25,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # The special tokens of Llama 3 and of ChatML (Qwen2), with the byte tokenizer's ids.
 LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 BOT, EOTX, SH, EH, EOT = 256, 257, 258, 259, 260
-CHATML_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<s>"]
+CHATML_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<s>"]  # <s>: BOS of the ChatML variant that has one
 ENDTEXT, IMS, IME, S = 256, 257, 258, 259
 
 # Meta-Llama-3-8B-Instruct's chat template and Qwen2-Instruct's, as their tokenizer_config.json hold them.
