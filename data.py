@@ -690,6 +690,8 @@ def micro_batches(groups: list[TokenizedGroup], micro_batch_size: int, max_token
     """Split one rank's step into consecutive micro-batches of at most micro_batch_size groups and,
     if max_tokens is given, at most max_tokens tokens (prompt + all responses). A group over
     max_tokens by itself gets a micro-batch of its own."""
+    if micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be at least 1, got {micro_batch_size}")
     out, cur, cur_tokens = [], [], 0
     for g in groups:
         n = group_tokens(g)
