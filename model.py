@@ -269,6 +269,11 @@ class Llama(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        # fresh weights drawn as transformers draws them (normal, std 0.02; norms start at 1);
+        # from_pretrained builds on the meta device, where this costs nothing, then assigns the real ones
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=0.02)
         self.gradient_checkpointing = False  # recompute each block's activations in backward
         self.source_dir = None  # checkpoint folder this model was loaded from (tokenizer files live there)
 
