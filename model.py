@@ -200,6 +200,8 @@ class KVCache:
         self.length = 0
 
     def update(self, k, v):  # k, v: (B, nkv, T, hs)
+        if self.k.dtype != k.dtype:  # FSDP's mixed precision computes in bf16 while the weights stay float32
+            self.k, self.v = self.k.to(k.dtype), self.v.to(k.dtype)
         T = k.shape[2]
         self.k[:, :, self.length:self.length + T] = k
         self.v[:, :, self.length:self.length + T] = v
@@ -319,34 +321,9 @@ class Llama(nn.Module):
         config = LlamaConfig.from_json(path / "config.json")
         with torch.device("meta"):  # no memory until the real tensors are assigned below
             model = cls(config)
-        expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+        # one tensor at a time, straight into its final dtype/device: no second copy of the model
+        state = {name: tensor[:].to(device=device, dtype=dtype) for name, tensor in checkpoint_tensors(path, config)}
         tied = config.tie_word_embeddings
-        if tied:  # lm_head.weight is embed_tokens.weight; HF omits it from the file, older saves may not
-            del expected["lm_head.weight"]
-        files, where = _checkpoint_files(path)
-        state = {}
-        for file, listed in files:
-            with safe_open(file, framework="pt", device="cpu") as f:
-                for name in listed:
-                    if name not in f.keys():
-                        raise CheckpointError(f"{file}: missing tensor '{name}' (listed in {where.name})")
-                for name in f.keys():
-                    if name.endswith("rotary_emb.inv_freq") or (tied and name == "lm_head.weight"):
-                        continue  # recomputed from config / shared with embed_tokens
-                    if name not in expected:
-                        raise CheckpointError(f"{file}: unexpected tensor '{name}'")
-                    if name in state:
-                        raise CheckpointError(f"{file}: tensor '{name}' also appears in another shard")
-                    shape = tuple(f.get_slice(name).get_shape())
-                    if shape != expected[name]:
-                        raise CheckpointError(f"{file}: tensor '{name}' has shape {shape}, "
-                                              f"config.json implies {expected[name]}")
-                    # one tensor at a time, straight into its final dtype/device: no second copy of the model
-                    state[name] = f.get_tensor(name).to(device=device, dtype=dtype)
-        missing = [name for name in expected if name not in state]
-        if missing:
-            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-            raise CheckpointError(f"{where}: missing tensor '{missing[0]}'{more}")
         if tied:
             state["lm_head.weight"] = state["model.embed_tokens.weight"]
         model.load_state_dict(state, strict=True, assign=True)
@@ -402,6 +379,44 @@ class Llama(nn.Module):
             if old.exists() and not path.exists():  # died between the two renames: put the old one back
                 old.rename(path)
             raise
+
+
+def checkpoint_tensors(path, config):
+    """Yield (name, tensor slice) for every weight of the HF checkpoint folder `path`, lazily: a slice
+    reads nothing until indexed, slice[:] is the whole tensor and slice[a:b] only rows a..b-1 (how a
+    sharded loader reads just its own rows). Checks names and shapes against what config implies and
+    raises CheckpointError naming the file for a tensor that is unexpected, misshapen, duplicated or
+    missing. A tied lm_head.weight is not yielded: it is model.embed_tokens.weight."""
+    with torch.device("meta"):
+        expected = {name: tuple(t.shape) for name, t in Llama(config).state_dict().items()}
+    tied = config.tie_word_embeddings
+    if tied:  # HF omits it from the file; older saves may not
+        del expected["lm_head.weight"]
+    files, where = _checkpoint_files(Path(path))
+    seen = set()
+    for file, listed in files:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for name in listed:
+                if name not in f.keys():
+                    raise CheckpointError(f"{file}: missing tensor '{name}' (listed in {where.name})")
+            for name in f.keys():
+                if name.endswith("rotary_emb.inv_freq") or (tied and name == "lm_head.weight"):
+                    continue  # recomputed from config / shared with embed_tokens
+                if name not in expected:
+                    raise CheckpointError(f"{file}: unexpected tensor '{name}'")
+                if name in seen:
+                    raise CheckpointError(f"{file}: tensor '{name}' also appears in another shard")
+                tensor = f.get_slice(name)
+                shape = tuple(tensor.get_shape())
+                if shape != expected[name]:
+                    raise CheckpointError(f"{file}: tensor '{name}' has shape {shape}, "
+                                          f"config.json implies {expected[name]}")
+                seen.add(name)
+                yield name, tensor
+    missing = [name for name in expected if name not in seen]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"{where}: missing tensor '{missing[0]}'{more}")
 
 
 def _checkpoint_files(path):
