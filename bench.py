@@ -1,0 +1,290 @@
+"""
+Benchmark: MPPO training steps in the naive layout against the project's default, side by side.
+
+    python bench.py                               # CPU: SmolLM2-135M shape, float32, 4 responses
+    python bench.py --device cuda                 # GPU: Llama-3-8B width, 2 layers, bfloat16
+    python bench.py --tiny                        # seconds; what the CI test runs
+
+A randomly initialised Llama of a real shape trains on synthetic groups (one prompt, K responses)
+whose lengths follow UltraFeedback's profile: log-normal, median prompt ~120 tokens, median
+response ~290, a long right tail, clipped to --max_len tokens per prompt + response. Each layout
+times full training steps (forward, backward, AdamW) after warm-up, on the same groups:
+
+  1. naive:   every response its own right-padded prompt + response row, full logits
+              (padded_batch + response_logps(full_logits=True))
+  2. default: the shared-prompt packed layout, head and log-softmax in chunks over the scored
+              positions only (packed_batch + response_logps)
+
+Each layout runs in a fresh child process, so peak memory is its own: torch.cuda's peak allocation
+on GPU, the process's peak resident memory (above what it held after importing torch) on CPU.
+
+MFU = model FLOPs per step / step time / dense matmul throughput, the latter measured in the same
+run on this device by timing the model's own matmul shapes in its dtype (and on GPU also against
+the datasheet peak). Model FLOPs (PaLM, appendix B): 6 x (parameters of the blocks) x processed
+tokens (padding included: it is computed), 6 x vocab x hidden x positions that go through the head,
+and 12 x heads x head_dim per attended (query, key) pair per layer for attention, counting the
+pairs the mask allows (a causal row of T: T(T+1)/2). A dense-mask SDPA kernel computes all T^2
+scores of a packed row, so that work shows as lower MFU, not as more FLOPs. Recomputation (the
+chunked head's backward) is not counted either, as MFU (unlike hardware FLOP utilisation) asks.
+"""
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+SHAPES = {  # hidden, layers, heads, kv_heads, intermediate, vocab, tied embeddings
+    "smollm2-135m": dict(hidden=576, layers=30, heads=9, kv_heads=3, intermediate=1536, vocab=49152, tie=True),
+    "llama3-8b-width": dict(hidden=4096, layers=2, heads=32, kv_heads=8, intermediate=14336, vocab=128256, tie=False),
+    "tiny": dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=512, tie=False),
+}
+# dense bf16/fp16 tensor-core peaks from the datasheets (SXM parts), FLOP/s
+DATASHEET_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--shape", default=None, choices=sorted(SHAPES),
+                   help="model shape preset (default: smollm2-135m on CPU, llama3-8b-width on CUDA); flags below override")
+    p.add_argument("--tiny", action="store_true", help="tiny shape, short groups, 1 step: a smoke test in seconds")
+    p.add_argument("--layers", type=int, help="transformer blocks")
+    p.add_argument("--hidden", type=int, help="hidden size")
+    p.add_argument("--heads", type=int, help="query heads")
+    p.add_argument("--kv_heads", type=int, help="key/value heads (grouped-query attention)")
+    p.add_argument("--intermediate", type=int, help="MLP inner size")
+    p.add_argument("--vocab", type=int, help="vocabulary size")
+    p.add_argument("--responses", type=int, default=4, help="responses per group (K)")
+    p.add_argument("--groups", type=int, default=None, help="groups per training step (default: 1 on CPU, 4 on CUDA)")
+    p.add_argument("--prompt_median", type=float, default=120, help="median prompt length, tokens")
+    p.add_argument("--response_median", type=float, default=290, help="median response length, tokens")
+    p.add_argument("--sigma", type=float, default=0.7, help="log-normal sigma of both lengths (the right tail)")
+    p.add_argument("--max_len", type=int, default=2048, help="clip: prompt + response tokens, as a trainer's max_length")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per layout (default: 3 on CPU, 10 on CUDA)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    p.add_argument("--chunk_size", type=int, default=1024, help="positions per chunk of the head in the default path")
+    p.add_argument("--max_row_tokens", type=int, default=None, help="packed row budget (default: longest group)")
+    p.add_argument("--attn_impl", default="auto", choices=["auto", "sdpa", "flex"], help="attention of the default path")
+    p.add_argument("--loss", default="pair_mnm", help="MPPO loss (mppo.LOSSES)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the groups and the model")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: run one layout, print JSON
+    args = p.parse_args(argv)
+
+    cuda = args.device.startswith("cuda")
+    if args.tiny:
+        args.shape = args.shape or "tiny"
+        args.prompt_median, args.response_median, args.max_len = 12, 20, 128
+        args.groups, args.steps = args.groups or 2, args.steps or 1
+    args.shape = args.shape or ("llama3-8b-width" if cuda else "smollm2-135m")
+    for k, v in SHAPES[args.shape].items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
+    args.groups = args.groups or (4 if cuda else 1)
+    args.steps = args.steps or (10 if cuda else 3)
+    return args
+
+
+def make_groups(args, num_groups, seed):
+    """Synthetic groups with UltraFeedback-like lengths: log-normal around the medians, clipped."""
+    from types import SimpleNamespace
+
+    g = torch.Generator().manual_seed(seed)
+
+    def lognormal(median, lo, hi):
+        n = math.exp(math.log(median) + args.sigma * float(torch.randn((), generator=g)))
+        return int(min(max(round(n), lo), hi))
+
+    groups = []
+    for _ in range(num_groups):
+        P = lognormal(args.prompt_median, 1, args.max_len // 2)
+        prompt = torch.randint(0, args.vocab, (P,), generator=g).tolist()
+        lengths = [lognormal(args.response_median, 1, args.max_len - P) for _ in range(args.responses)]
+        responses = [torch.randint(0, args.vocab, (n,), generator=g).tolist() for n in lengths]
+        scores = torch.randperm(args.responses, generator=g).float().tolist()  # distinct: every pair is a preference
+        groups.append(SimpleNamespace(prompt_ids=prompt, response_ids=responses, scores=scores))
+    return groups
+
+
+def build_model(args, device=None):
+    from model import Llama, LlamaConfig
+
+    config = LlamaConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+        max_position_embeddings=args.max_len, rope_theta=500000.0, tie_word_embeddings=args.tie,
+    )
+    torch.manual_seed(args.seed)
+    with torch.device(device or args.device):
+        model = Llama(config)
+    return model.to(getattr(torch, args.dtype))
+
+
+def step_flops(model, batch, full_logits):
+    """Model FLOPs of one training step (forward + backward), see the module docstring."""
+    c = model.config
+    head = c.vocab_size * c.hidden_size
+    blocks = sum(p.numel() for name, p in model.named_parameters() if ".layers." in name)
+    head_positions = batch.num_tokens if full_logits else batch.target_ids.numel()
+    R, T = batch.input_ids.shape
+    pairs = R * T * (T + 1) // 2 if batch.attn_mask is None else int(batch.attn_mask.sum())
+    attention = 12 * c.num_attention_heads * c.head_dim * pairs * c.num_hidden_layers
+    return 6 * blocks * batch.num_tokens + 6 * head * head_positions + attention
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def run_layout(args):
+    """Child process: train --warmup + --steps steps in one layout; return its measurements."""
+    import mppo
+    from packing import packed_batch, padded_batch, response_logps
+
+    cuda = args.device.startswith("cuda")
+    matmul = matmul_throughput(args)
+    rss0 = rss_bytes()
+    model = build_model(args)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=cuda or None)
+    loss_fn = mppo.LOSSES[args.loss]
+    naive = args.child == "naive"
+
+    times, flops, groups, tokens, logical = [], 0, 0, 0, 0
+    for step in range(args.warmup + args.steps):
+        batch_groups = make_groups(args, args.groups, seed=args.seed * 1000 + step)
+        sync(args.device)
+        t0 = time.perf_counter()
+        # building the batch is part of the step: it is host work a trainer pays for every step
+        if naive:
+            batch = padded_batch(batch_groups, pad_id=0).to(args.device)
+            logps = response_logps(model, batch, full_logits=True)
+        else:
+            batch = packed_batch(batch_groups, max_row_tokens=args.max_row_tokens).to(args.device)
+            logps = response_logps(model, batch, chunk_size=args.chunk_size, attn_impl=args.attn_impl)
+        loss = loss_fn(logps, batch.scores, batch.mask).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync(args.device)
+        if step >= args.warmup:
+            times.append(time.perf_counter() - t0)
+            flops += step_flops(model, batch, full_logits=naive)
+            groups += len(batch_groups)
+            tokens += batch.num_tokens
+            logical += batch.num_logical_tokens
+        if not math.isfinite(loss.item()):
+            raise RuntimeError(f"{args.child}: loss is {loss.item()} at step {step}")
+    if cuda:
+        peak = torch.cuda.max_memory_allocated()
+    else:  # ru_maxrss is in KiB on Linux
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
+    total = sum(times)
+    return dict(layout=args.child, seconds=total, groups=groups, tokens=tokens, logical=logical, flops=flops, peak=peak,
+                matmul=matmul)
+
+
+def matmul_throughput(args, rows=1024, repeats=3):
+    """FLOP/s of torch.matmul on this device at the model's shapes and dtype: (rows, in) @ (in, out)
+    for each projection of a block (counted once per layer) and for the head (once), timed after a
+    warm-up, so the mix of shapes is the model's own."""
+    dtype = getattr(torch, args.dtype)
+    hd = args.hidden // args.heads
+    block = [(args.hidden, args.heads * hd), (args.hidden, 2 * args.kv_heads * hd), (args.heads * hd, args.hidden),
+             (args.hidden, 2 * args.intermediate), (args.intermediate, args.hidden)]
+    total_flops, total_time = 0, 0.0
+    for (n_in, n_out), count in [(shape, args.layers) for shape in block] + [((args.hidden, args.vocab), 1)]:
+        x = torch.randn(rows, n_in, device=args.device, dtype=dtype)
+        w = torch.randn(n_in, n_out, device=args.device, dtype=dtype)
+        x @ w
+        sync(args.device)
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            x @ w
+        sync(args.device)
+        total_time += count * (time.perf_counter() - t0)
+        total_flops += count * 2 * rows * n_in * n_out * repeats
+        del x, w
+    return total_flops / total_time
+
+
+def child_result(args, layout):
+    argv = [a for a in sys.argv[1:]]
+    cmd = [sys.executable, os.path.abspath(__file__), *argv, "--child", layout]
+    out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def table(args, results, matmul_flops, datasheet):
+    gib = 1024**3
+    header = ["layout", "groups/s", "processed tok/s", "logical tok/s", "peak memory (GiB)", "MFU (measured matmul)"]
+    if datasheet:
+        header.append("MFU (datasheet)")
+    rows, values = [], {}
+    for r in results:
+        s = r["seconds"]
+        v = dict(gps=r["groups"] / s, tps=r["tokens"] / s, lps=r["logical"] / s, mem=r["peak"] / gib,
+                 mfu=r["flops"] / s / matmul_flops)
+        if datasheet:
+            v["mfu_ds"] = r["flops"] / s / datasheet
+        values[r["layout"]] = v
+        cells = [f"{v['gps']:.3g}", f"{v['tps']:.0f}", f"{v['lps']:.0f}", f"{v['mem']:.2f}", f"{100 * v['mfu']:.1f}%"]
+        if datasheet:
+            cells.append(f"{100 * v['mfu_ds']:.1f}%")
+        name = {"naive": "1. naive (padded, full logits)", "default": "2. default (packed, chunked head)"}[r["layout"]]
+        rows.append([name] + cells)
+    a, b = values["default"], values["naive"]
+    ratio = ["ratio 2 / 1"] + [f"{a[k] / b[k]:.2f}x" for k in ("gps", "tps", "lps", "mem", "mfu")]
+    if datasheet:
+        ratio.append(f"{a['mfu_ds'] / b['mfu_ds']:.2f}x")
+    rows.append(ratio)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines), values
+
+
+def main():
+    args = parse_args()
+    if args.child:
+        print(json.dumps(run_layout(args)))
+        return
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        name = torch.cuda.get_device_name()
+        machine = name
+        datasheet = next((v for k, v in DATASHEET_BF16.items() if k in name), None) if args.dtype in ("bfloat16", "float16") else None
+    else:
+        machine = f"CPU, {torch.get_num_threads()} threads"
+        datasheet = None
+    n_params = sum(p.numel() for p in build_model(args, device="meta").parameters())  # shapes only, no memory
+    results = [child_result(args, "naive"), child_result(args, "default")]
+    # each child times the matmuls just before its steps; the better of the two is the device's throughput
+    matmul = max(r["matmul"] for r in results)
+    text, _ = table(args, results, matmul, datasheet)
+    tied = " (tied embeddings)" if args.tie else ""
+    print(f"mppo bench: {machine}, {args.dtype}, torch {torch.__version__}")
+    print(f"model: {args.shape} shape, {args.layers} layers, hidden {args.hidden}, heads {args.heads}/{args.kv_heads}, "
+          f"MLP {args.intermediate}, vocab {args.vocab}{tied}, {n_params / 1e6:.1f}M parameters")
+    print(f"groups: {args.groups} per step x {args.steps} steps (+{args.warmup} warm-up), {args.responses} responses, "
+          f"log-normal lengths, median prompt {args.prompt_median:g} / response {args.response_median:g}, "
+          f"sigma {args.sigma:g}, max_len {args.max_len}")
+    print(f"dense matmul throughput measured at the model's shapes: {matmul / 1e9:.1f} GFLOP/s"
+          + (f"; datasheet peak {datasheet / 1e12:.0f} TFLOP/s" if datasheet else ""))
+    print()
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
