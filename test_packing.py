@@ -14,7 +14,9 @@ import torch.nn.functional as F
 
 from model import Llama, LlamaConfig
 from packing import (
+    FlexAttention,
     PackingError,
+    SegmentAttention,
     attention_mask,
     chunked_target_logprobs,
     packed_batch,
@@ -92,7 +94,8 @@ def grads_of(model, logps, weights):
 def test_layouts_match_unshared_reference_values_and_grads(tie):
     """Packed (chunked head) and padded (full logits) per-response log-probs and parameter
     gradients equal the one-response-at-a-time loop, float32, <= 1e-5; packed with three row
-    budgets: default (longest group), 1 (every group alone), 10**6 (all groups in one row)."""
+    budgets: default (longest group), 1 (every group alone), 10**6 (all groups in one row), with
+    the dense SDPA mask and (where model.py accepts it) SegmentAttention."""
     model = tiny_model(tie=tie)
     groups = random_groups(seed=1, num_groups=5)
     ref = reference_logps(model, groups)
@@ -108,6 +111,8 @@ def test_layouts_match_unshared_reference_values_and_grads(tie):
         "packed/one-row": lambda: response_logps(model, packed_batch(groups, max_row_tokens=10**6), chunk_size=3),
         "packed/full": lambda: response_logps(model, packed_batch(groups), full_logits=True),
     }
+    if getattr(Llama, "accepts_attention_fn", False):  # model.py takes a callable attention
+        candidates["packed/segments"] = lambda: response_logps(model, packed_batch(groups), attn_impl="segments")
     for name, compute in candidates.items():
         logps = compute()
         assert logps.dtype == torch.float32 and logps.shape == ref.shape, name
@@ -227,25 +232,42 @@ def test_chunked_logprobs_match_full_in_value_and_gradient():
     torch.testing.assert_close(gw, ref_gw, rtol=1e-5, atol=1e-5)
 
 
-def test_flex_block_mask_matches_sdpa_mask():
-    """flex_attention with flex_block_mask (eager, on CPU) equals SDPA with the dense bool mask
-    on a packed batch with padding, K from 2 to 5, and two groups sharing a row."""
-    pytest.importorskip("torch.nn.attention.flex_attention")
+def packed_qkv(seed=4):
+    """A packed batch with padding, K from 2 to 5 and two groups sharing a row, and random q, k, v."""
+    batch = packed_batch(random_groups(seed=seed, num_groups=5), max_row_tokens=40)
+    assert (batch.doc_ids.max(dim=1).values != batch.doc_ids.min(dim=1).values).any()  # some row holds two groups
+    assert (batch.doc_ids == -1).any()  # and some row ends in padding
+    R, T = batch.input_ids.shape
+    torch.manual_seed(seed)
+    q, k, v = (torch.randn(R, 4, T, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    return batch, q, k, v
+
+
+def test_segment_attention_matches_dense_mask_sdpa():
+    """SegmentAttention (one SDPA call per prompt, response and padding run) against SDPA with the
+    dense attention_mask() on the same packed batch: outputs and q/k/v gradients, float64."""
+    batch, q, k, v = packed_qkv()
+    g = torch.randn(q.shape, dtype=torch.float64)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=batch.attn_mask[:, None])
+    ref_grads = torch.autograd.grad((ref * g).sum(), (q, k, v))
+    out = SegmentAttention(batch)(q, k, v)
+    grads = torch.autograd.grad((out * g).sum(), (q, k, v))
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_flex_attention_matches_dense_mask_sdpa():
+    """FlexAttention's BlockMask (flex_attention run eagerly on CPU, forward only: torch has no CPU
+    flex backward) against SDPA with the dense attention_mask(), float32."""
     import warnings
 
-    from torch.nn.attention.flex_attention import flex_attention
-
-    from packing import flex_block_mask
-
-    batch = packed_batch(random_groups(seed=4, num_groups=5), max_row_tokens=40)
-    assert (batch.doc_ids.max(dim=1).values != batch.doc_ids.min(dim=1).values).any()  # some row holds two groups
-    R, T = batch.input_ids.shape
-    torch.manual_seed(0)
-    q, k, v = torch.randn(R, 4, T, 8), torch.randn(R, 2, T, 8), torch.randn(R, 2, T, 8)
-    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=batch.attn_mask[:, None], enable_gqa=True)
+    batch, q, k, v = packed_qkv()
+    q, k, v = (t.detach().float() for t in (q, k, v))
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=batch.attn_mask[:, None])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "called without torch.compile": eager is fine for a check
-        out = flex_attention(q, k, v, block_mask=flex_block_mask(batch), enable_gqa=True)
+        out = FlexAttention(batch)(q, k, v)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
