@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from baselines import BASELINES
 from data import ChatTokenizer, GroupLoader, micro_batches, read_groups, scale_scores, tokenize_groups
 from model import Llama, LlamaConfig, generate
 from mppo import LOSSES, has_preference
@@ -59,7 +60,11 @@ def parse_args(argv=None):
     a("--eval_data", default=None, help="held-out groups, evaluated every --eval_every steps and at the end")
     a("--data_format", default=None, help="override the detected data format (canonical, simpo, ultrafeedback, pairwise, rrhf)")
     a("--template", default=None, help="chat template: llama3, chatml or none (default: detected from the checkpoint)")
-    a("--loss", default="pair_mnm", choices=sorted(LOSSES) + ["sft"], help="MPPO variant, or sft: NLL of the best response")
+    a("--loss", default="pair_mnm", choices=sorted(LOSSES) + sorted(BASELINES) + ["sft"],
+      help="MPPO variant, a baseline of the paper's Table 2 (simpo, orpo, dpo; see baselines.py), or sft: NLL of the best response")
+    a("--beta", type=float, default=None, help="simpo / dpo: reward scale beta (default: 2.0 for simpo, SimPO's Llama-3-Base recipe; 0.1 for dpo)")
+    a("--gamma_beta_ratio", type=float, default=0.5, help="simpo: target margin gamma as a multiple of beta (SimPO's Llama-3-Base recipe: 0.5)")
+    a("--orpo_lambda", type=float, default=0.1, help="orpo: weight lambda of the odds-ratio term beside the SFT loss (ORPO paper: 0.1)")
     a("--out", default="out/run", help="output folder: metrics.jsonl, checkpoint-STEP/, final/")
     a("--epochs", type=int, default=1, help="passes over the training data (ignored when --max_steps > 0)")
     a("--max_steps", type=int, default=0, help="optimizer steps to run; 0: --epochs passes")
@@ -139,13 +144,21 @@ def set_rng_state(state, generator):
 # loss and metrics on the (B, K) log-probabilities of a micro-batch
 
 
-def group_losses(loss_name, logps, scores, mask, generator):
-    """(B,) loss of each group. sft: negative mean token log-likelihood of the best response."""
+def group_losses(args, logps, batch, generator):
+    """(B,) loss of each group of a batch. sft: negative mean token log-likelihood of the best response."""
+    loss_name, scores, mask = args.loss, batch.scores, batch.mask
     if loss_name == "sft":
         best = scores.masked_fill(~mask, float("-inf")).argmax(dim=1, keepdim=True)
         return -logps.gather(1, best).squeeze(1)
     if loss_name == "pair_single":
         return LOSSES[loss_name](logps, scores, mask, generator=generator)
+    beta = {} if args.beta is None else {"beta": args.beta}  # None: the function's default, from its paper
+    if loss_name == "simpo":
+        return BASELINES["simpo"](logps, scores, mask, gamma_beta_ratio=args.gamma_beta_ratio, **beta)
+    if loss_name == "orpo":
+        return BASELINES["orpo"](logps, scores, mask, lam=args.orpo_lambda)
+    if loss_name == "dpo":
+        return BASELINES["dpo"](logps, scores, mask, ref_logps=batch.ref_logps, lengths=batch.num_scored, **beta)
     return LOSSES[loss_name](logps, scores, mask)
 
 
@@ -200,7 +213,46 @@ def ranking_metrics(sums):
 
 
 def make_batch(groups, layout, pad_id, max_tokens):
-    return packed_batch(groups, max_row_tokens=max_tokens) if layout == "packed" else padded_batch(groups, pad_id)
+    batch = packed_batch(groups, max_row_tokens=max_tokens) if layout == "packed" else padded_batch(groups, pad_id)
+    if hasattr(groups[0], "ref_logps"):  # DPO: the starting model's log-probs, attached by reference_logps()
+        batch.ref_logps = torch.zeros(batch.mask.shape)  # (B, K), 0 in padding slots
+        for b, g in enumerate(groups):
+            batch.ref_logps[b, : len(g.ref_logps)] = torch.tensor(g.ref_logps)
+    return batch
+
+
+def to_device(batch, device):
+    """batch.to(device), keeping the ref_logps that make_batch attached (Batch.to copies its fields only)."""
+    moved = batch.to(device)
+    if hasattr(batch, "ref_logps"):
+        moved.ref_logps = batch.ref_logps.to(device)
+    return moved
+
+
+@torch.no_grad()
+def reference_logps(model, groups, args, pad_id, device, autocast):
+    """DPO's reference: each group's (K,) mean token log-probs under the starting model, computed
+    once before training and attached to the group as .ref_logps (a list of floats), so no second
+    model stays in memory. Each rank scores an equal share; the shares are all-gathered."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    share = list(range(rank, len(groups), world))
+    share += share[:1] * (math.ceil(len(groups) / world) - len(share))  # equal forwards on every rank
+    mine = {}
+    for mb in micro_batches([groups[i] for i in share], args.micro_batch_size, args.max_tokens):
+        batch = make_batch(mb, args.layout, pad_id, args.max_tokens).to(device)
+        with autocast:
+            logps = response_logps(model, batch, chunk_size=args.chunk_size)  # (B, K)
+        for g, row in zip(mb, logps.tolist()):
+            mine[id(g)] = row[: len(g.response_ids)]
+    values = [mine[id(groups[i])] for i in share]
+    gathered = [None] * world
+    if dist.is_initialized():
+        dist.all_gather_object(gathered, (share, values))
+    else:
+        gathered = [(share, values)]
+    for indices, rows in gathered:
+        for i, row in zip(indices, rows):
+            groups[i].ref_logps = row
 
 
 @torch.no_grad()
@@ -210,11 +262,11 @@ def evaluate(model, groups, args, pad_id, device, autocast, generator):
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     loss_sum, count, sums = 0.0, 0.0, [0.0] * len(SUMS)
     for mb in micro_batches(groups[rank::world], args.micro_batch_size, args.max_tokens):
-        batch = make_batch(mb, args.layout, pad_id, args.max_tokens).to(device)
+        batch = to_device(make_batch(mb, args.layout, pad_id, args.max_tokens), device)
         with autocast:
             logps = response_logps(model, batch, chunk_size=args.chunk_size)
         counted = counted_groups(args.loss, batch.scores, batch.mask)
-        loss_sum += (group_losses(args.loss, logps, batch.scores, batch.mask, generator) * counted).sum().item()
+        loss_sum += (group_losses(args, logps, batch, generator) * counted).sum().item()
         count += counted.sum().item()
         sums = [a + b for a, b in zip(sums, ranking_sums(logps, batch.scores, batch.mask))]
     loss_sum, count, *sums = all_reduce_sum([loss_sum, count, *sums], device)
@@ -280,8 +332,8 @@ def save_checkpoint(out, step, model, optimizer, scheduler, loader, generator, a
 
 def train(args):
     """Runs one training job from parsed args; returns the path of the final model."""
-    if args.loss not in LOSSES and args.loss != "sft":
-        fail(f"unknown --loss {args.loss!r}; choose one of {', '.join(sorted(LOSSES))}, sft")
+    if args.loss not in LOSSES and args.loss not in BASELINES and args.loss != "sft":
+        fail(f"unknown --loss {args.loss!r}; choose one of {', '.join(sorted(LOSSES) + sorted(BASELINES))}, sft")
     for flag in ("model", "data"):
         if not getattr(args, flag):
             fail(f"--{flag} is required (run `python train.py` with no arguments for the demo)")
@@ -341,6 +393,11 @@ def train(args):
         for key in ("data", "batch_size", "seed", "loss"):
             if state["args"][key] != getattr(args, key):
                 fail(f"--resume: --{key} is {getattr(args, key)!r} but {resume_dir} was trained with {state['args'][key]!r}")
+
+    if args.loss == "dpo":  # the reference is the starting model (also on resume): scored once, then freed
+        ref_model = Llama.from_pretrained(args.model, dtype=torch.float32, device=device).eval()
+        reference_logps(ref_model, train_groups + eval_groups, args, tok.pad_id, device, autocast)
+        del ref_model
 
     model = Llama.from_pretrained(resume_dir or args.model, dtype=torch.float32, device=device)
     model.gradient_checkpointing = args.gradient_checkpointing
@@ -410,7 +467,7 @@ def train(args):
             local = sum(counted_groups(args.loss, b.scores, b.mask).sum().item() for b in mbs)
             n_counted, n_total = all_reduce_sum([local, len(rank_groups)], device)
             for i, batch in enumerate(mbs):
-                batch = batch.to(device)
+                batch = to_device(batch, device)
                 last = i == len(mbs) - 1
                 # DDP all-reduces gradients in backward; only the last micro-step needs to
                 sync = model.no_sync() if world > 1 and not last else nullcontext()
@@ -418,7 +475,7 @@ def train(args):
                     with autocast:
                         logps = response_logps(model, batch, chunk_size=args.chunk_size)  # (B, K) float32
                     counted = counted_groups(args.loss, batch.scores, batch.mask)
-                    losses = group_losses(args.loss, logps, batch.scores, batch.mask, generator)
+                    losses = group_losses(args, logps, batch, generator)
                     # DDP averages gradients over ranks; multiply by world to get a sum over the global batch
                     loss = (losses * counted).sum() * world / max(n_counted, 1)
                     loss.backward()
