@@ -1,6 +1,7 @@
 """
 MPPO training: an SFT checkpoint and a grouped preference dataset in, an aligned model in
-Hugging Face format out. One CPU, one GPU, or many GPUs with DDP.
+Hugging Face format out. One CPU, one GPU, or many GPUs with DDP, or with FSDP (--fsdp) for
+models whose weights, gradients and AdamW state do not fit on one GPU (Llama-3-8B; see fsdp.py).
 
 The embedded demo (no download; a tiny Llama learns to prefer sorting letters over copying
 them; about two minutes on 2 CPU cores):
@@ -14,6 +15,9 @@ $ torchrun --standalone --nproc_per_node 8 train.py --model ... --data ... --out
 
 DDP across 2 nodes (run on each node, with its --node_rank):
 $ torchrun --nnodes 2 --node_rank 0 --nproc_per_node 8 --master_addr HOST --master_port 29500 train.py ...
+
+FSDP (parameters, gradients and optimizer state sharded over all ranks), on one node or several:
+$ torchrun --standalone --nproc_per_node 8 train.py --fsdp --gradient_checkpointing --model ... --data ... --out ...
 
 Resume an interrupted run from the newest complete checkpoint in --out:
 $ python train.py ... --out out/mnm --resume
@@ -35,9 +39,11 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from baselines import BASELINES
+import fsdp
 from data import ChatTokenizer, GroupLoader, micro_batches, read_groups, scale_scores, tokenize_groups
 from model import Llama, LlamaConfig, generate
 from mppo import LOSSES, has_preference
@@ -81,6 +87,7 @@ def parse_args(argv=None):
     a("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="compute dtype (autocast); default bfloat16 on GPU, float32 on CPU")
     a("--device", default=None, help="cpu or cuda (default: cuda when available)")
     a("--gradient_checkpointing", action="store_true", help="recompute each block's activations in backward")
+    a("--fsdp", action="store_true", help="shard parameters, gradients and AdamW state over all ranks (FSDP2) instead of DDP's full replicas")
     a("--layout", default="packed", choices=["packed", "padded"], help="packed: one forward per group with a shared prompt; padded: naive baseline")
     a("--chunk_size", type=int, default=1024, help="positions per chunk of the language-model head in the loss")
     a("--seed", type=int, default=0, help="seed of the data order, Pair-Single's draws and everything else random")
@@ -261,10 +268,16 @@ def evaluate(model, groups, args, pad_id, device, autocast, generator):
     model.eval()
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     loss_sum, count, sums = 0.0, 0.0, [0.0] * len(SUMS)
-    for mb in micro_batches(groups[rank::world], args.micro_batch_size, args.max_tokens):
+    mbs = micro_batches(groups[rank::world], args.micro_batch_size, args.max_tokens)
+    real = len(mbs)
+    if args.fsdp:  # every rank must run as many forwards; the repeats are not counted
+        mbs = fsdp.pad_to_max_count(mbs, mbs[-1] if mbs else groups[:1], device)
+    for i, mb in enumerate(mbs):
         batch = to_device(make_batch(mb, args.layout, pad_id, args.max_tokens), device)
         with autocast:
             logps = response_logps(model, batch, chunk_size=args.chunk_size)
+        if i >= real:
+            continue
         counted = counted_groups(args.loss, batch.scores, batch.mask)
         loss_sum += (group_losses(args, logps, batch, generator) * counted).sum().item()
         count += counted.sum().item()
@@ -297,20 +310,27 @@ def latest_checkpoint(out):
 
 
 def save_checkpoint(out, step, model, optimizer, scheduler, loader, generator, args, source_dir):
-    """Every rank contributes its RNG state; rank 0 writes. The folder appears complete or not at all."""
+    """Every rank contributes its RNG state; rank 0 writes (under --fsdp every rank also writes its
+    shards of model and AdamW state to sharded/). The folder appears complete or not at all."""
     states = [None] * dist.get_world_size() if dist.is_initialized() else None
     if dist.is_initialized():
         dist.all_gather_object(states, rng_state(generator))
     else:
         states = [rng_state(generator)]
     final = os.path.join(out, f"checkpoint-{step}")
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        tmp = final + ".tmp"
+    tmp = final + ".tmp"
+    master = not dist.is_initialized() or dist.get_rank() == 0
+    if master:
         shutil.rmtree(tmp, ignore_errors=True)
+    if args.fsdp:  # collective: the Hugging Face model gathered onto rank 0, then every rank's shards
+        fsdp.save_hf(model, tmp, source_dir)
+        fsdp.save_state(model, optimizer, os.path.join(tmp, "sharded"))
+    elif master:
         model.save_pretrained(tmp, source_dir=source_dir)
+    if master:
         state = {
             "step": step,
-            "optimizer": optimizer.state_dict(),
+            "optimizer": None if args.fsdp else optimizer.state_dict(),  # --fsdp: in sharded/
             "scheduler": scheduler.state_dict(),
             "loader": loader.state_dict(),
             "rng": states,
@@ -350,8 +370,9 @@ def train(args):
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    # parameters and optimizer state stay float32; matmuls run in the compute dtype
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    # parameters and optimizer state stay float32; matmuls run in the compute dtype (under --fsdp
+    # its mixed-precision policy casts the weights as it gathers them, instead of autocast)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 and not args.fsdp else nullcontext()
     torch.manual_seed(args.seed + rank)
     random.seed(args.seed + rank)
     np.random.seed(args.seed + rank)
@@ -393,16 +414,22 @@ def train(args):
         for key in ("data", "batch_size", "seed", "loss"):
             if state["args"][key] != getattr(args, key):
                 fail(f"--resume: --{key} is {getattr(args, key)!r} but {resume_dir} was trained with {state['args'][key]!r}")
+        if state["args"].get("fsdp", False) != args.fsdp:  # AdamW state: one file, or DCP shards under --fsdp
+            fail(f"--resume: {resume_dir} was written {'without' if args.fsdp else 'with'} --fsdp; resume the same way, "
+                 f"or start a new run from its weights with --model {resume_dir} (AdamW state starts afresh)")
 
     if args.loss == "dpo":  # the reference is the starting model (also on resume): scored once, then freed
         ref_model = Llama.from_pretrained(args.model, dtype=torch.float32, device=device).eval()
         reference_logps(ref_model, train_groups + eval_groups, args, tok.pad_id, device, autocast)
         del ref_model
 
-    model = Llama.from_pretrained(resume_dir or args.model, dtype=torch.float32, device=device)
+    if args.fsdp:  # sharded from the start: each rank reads only its own rows of the checkpoint
+        model = fsdp.load_model(resume_dir or args.model, device, param_dtype=dtype)
+    else:
+        model = Llama.from_pretrained(resume_dir or args.model, dtype=torch.float32, device=device)
     model.gradient_checkpointing = args.gradient_checkpointing
     raw_model = model
-    if world > 1:
+    if world > 1 and not args.fsdp:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     # AdamW; decay matrices only, never norm weights (nanoGPT's split)
@@ -422,7 +449,10 @@ def train(args):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
     step = 0
     if state:
-        optimizer.load_state_dict(state["optimizer"])
+        if args.fsdp:  # model and AdamW state, resharded to this run's number of ranks
+            fsdp.load_state(model, optimizer, os.path.join(resume_dir, "sharded"))
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         loader.load_state_dict(state["loader"])
         step = state["step"]
@@ -466,11 +496,16 @@ def train(args):
             # gradient is the same for any number of processes and micro-batches
             local = sum(counted_groups(args.loss, b.scores, b.mask).sum().item() for b in mbs)
             n_counted, n_total = all_reduce_sum([local, len(rank_groups)], device)
+            real = len(mbs)
+            if args.fsdp:  # every rank must run as many forwards and backwards; the repeats weigh zero
+                mbs = fsdp.pad_to_max_count(mbs, mbs[-1], device)
             for i, batch in enumerate(mbs):
                 batch = to_device(batch, device)
                 last = i == len(mbs) - 1
-                # DDP all-reduces gradients in backward; only the last micro-step needs to
-                sync = model.no_sync() if world > 1 and not last else nullcontext()
+                # DDP all-reduces (FSDP reduce-scatters) gradients in backward; only the last micro-step needs to
+                if args.fsdp:
+                    model.set_requires_gradient_sync(last)
+                sync = model.no_sync() if world > 1 and not last and not args.fsdp else nullcontext()
                 with sync:
                     with autocast:
                         logps = response_logps(model, batch, chunk_size=args.chunk_size)  # (B, K) float32
@@ -478,12 +513,18 @@ def train(args):
                     losses = group_losses(args, logps, batch, generator)
                     # DDP averages gradients over ranks; multiply by world to get a sum over the global batch
                     loss = (losses * counted).sum() * world / max(n_counted, 1)
+                    if i >= real:
+                        loss = loss * 0
                     loss.backward()
+                if i >= real:
+                    continue
                 acc["loss"] += loss.item() / world
                 acc["tokens"] += batch.num_tokens
                 acc["sums"] = [a + b for a, b in zip(acc["sums"], ranking_sums(logps, batch.scores, batch.mask))]
                 del logps, losses, loss
             grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip if args.grad_clip > 0 else float("inf"))
+            if isinstance(grad_norm, DTensor):  # FSDP: the norm over every rank's shards, replicated
+                grad_norm = grad_norm.full_tensor()
             if not torch.isfinite(grad_norm):
                 fail(f"step {step + 1}: the gradient norm is {grad_norm.item()} (non-finite loss or gradient); stopping before the weights are corrupted. Lower --lr or check the data")
             optimizer.step()
@@ -531,8 +572,11 @@ def train(args):
 
     run_eval()
     final = os.path.join(args.out, "final")
-    if master:
+    if args.fsdp:  # every rank takes part in gathering the weights
+        fsdp.save_hf(model, final, args.model)
+    elif master:
         raw_model.save_pretrained(final, source_dir=args.model)
+    if master:
         metrics_file.close()
         log(f"saved {final}")
     if dist.is_initialized():
@@ -558,7 +602,7 @@ def demo(out="out/demo"):
                             "--epochs", "2", "--batch_size", "32", "--micro_batch_size", "32", "--lr", "3e-3", "--warmup_ratio", "0.05", *common]))
     print("== 2. Pair-MNM on groups of 3-5 scored answers (sorted: 10, mistakes: 1-6)")
     mnm = train(parse_args(["--model", sft, "--data", os.path.join(src, "train.jsonl"), "--loss", "pair_mnm", "--out", os.path.join(out, "mnm"),
-                            "--epochs", "1", "--batch_size", "32", "--micro_batch_size", "32", "--lr", "1e-3", "--warmup_ratio", "0.1", *common]))
+                            "--epochs", "2", "--batch_size", "32", "--micro_batch_size", "32", "--lr", "1e-3", "--warmup_ratio", "0.1", *common]))
     print("== 3. Held-out prompts, before and after MPPO")
     tok = ChatTokenizer.from_pretrained(src)
     groups, _ = read_groups(os.path.join(src, "eval.jsonl"))

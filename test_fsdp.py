@@ -1,0 +1,103 @@
+"""
+train.py --fsdp on CPU with 2 gloo processes, against the two ways of training it must agree with:
+DDP with 2 processes and 1 process, at the same global batch. Then resume (bit-identical on the same
+number of ranks, close on another: DCP reshards), and the gathered final/ against transformers.
+
+One module-scoped set of runs serves every test (each torchrun start costs seconds of imports):
+6 steps of Pair-MNM with a token budget per micro-batch that gives the two ranks different numbers
+of micro-batches (FSDP must keep their forwards in step), gradient clipping that bites (the norm
+over sharded gradients), evaluation and a checkpoint at step 3; the FSDP run also recomputes
+activations (--gradient_checkpointing).
+
+    python -m pytest test_fsdp.py -q
+"""
+
+import os
+import shutil
+
+import pytest
+import torch
+
+from model import Llama
+from test_train import common, records, run, run_cli, setup, weights  # noqa: F401 (setup is the shared fixture)
+
+CLIP = 0.03  # below every step's gradient norm here (about 0.05), so clipping always acts
+
+
+@pytest.fixture(scope="module")
+def runs(setup, tmp_path_factory):
+    root = tmp_path_factory.mktemp("fsdp")
+    args = common(setup, root / "x", **{"--loss": "pair_mnm", "--max_steps": 6, "--max_tokens": 120, "--grad_clip": CLIP,
+                                        "--save_every": 3, "--save_total_limit": 5, "--eval_data": setup["data"], "--eval_every": 3})
+    run(*args, "--out", root / "one")
+    for name, extra in (("ddp", []), ("fsdp", ["--fsdp", "--gradient_checkpointing"])):
+        r = run_cli(*args, "--out", root / name, *extra, nproc=2)
+        assert r.returncode == 0, r.stderr[-3000:]
+    return {"root": root, "args": args}
+
+
+def test_fsdp_equals_ddp_and_one_process(runs):
+    """The weights after 6 steps, each step's loss and gradient norm (before clipping), and the
+    evaluations at steps 3 and 6: FSDP with 2 processes matches DDP with 2 and 1 process."""
+    root = runs["root"]
+    one, ddp, sharded = (weights(root / name / "final") for name in ("one", "ddp", "fsdp"))
+    start = weights(runs["args"][1])
+    assert any(not torch.equal(one[k], start[k]) for k in one)  # training moved the weights
+    assert sharded.keys() == one.keys() == ddp.keys()
+    for k in one:
+        torch.testing.assert_close(sharded[k], ddp[k], rtol=1e-5, atol=1e-6, msg=k)
+        torch.testing.assert_close(sharded[k], one[k], rtol=1e-5, atol=1e-6, msg=k)
+    for split, keys in (("train", ("loss", "grad_norm", "margin")), ("eval", ("loss", "margin", "pair_acc"))):
+        a, b = records(root / "fsdp", split), records(root / "one", split)
+        assert [r["step"] for r in a] == [r["step"] for r in b] and len(a) >= 2
+        for x, y in zip(a, b):
+            for key in keys:
+                assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-7), (split, x["step"], key)
+    assert all(r["grad_norm"] > CLIP for r in records(root / "fsdp", "train"))
+
+
+def test_resume_is_bit_identical(runs, tmp_path):
+    """An FSDP run that has only checkpoint-3 (as if it had died after writing it) resumes on 2
+    processes and ends with exactly the weights of the uninterrupted run."""
+    full = runs["root"] / "fsdp"
+    assert {"sharded", "trainer_state.pt", "config.json", "model.safetensors.index.json"} <= set(os.listdir(full / "checkpoint-3"))
+    shutil.copytree(full / "checkpoint-3", tmp_path / "checkpoint-3")
+    r = run_cli(*runs["args"], "--out", tmp_path, "--fsdp", "--gradient_checkpointing", "--resume", nproc=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = weights(full / "final"), weights(tmp_path / "final")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert [r["step"] for r in records(tmp_path, "train")] == [4, 5, 6]
+    assert [r["loss"] for r in records(tmp_path, "train")] == [r["loss"] for r in records(full, "train")][3:]
+
+
+def test_resume_on_one_process(runs, tmp_path):
+    """The same checkpoint resumed by a single process (`python train.py --fsdp`, a group of one):
+    DCP reshards model and AdamW state from 2 ranks to 1, and the run ends close to the 2-rank one."""
+    full = runs["root"] / "fsdp"
+    shutil.copytree(full / "checkpoint-3", tmp_path / "checkpoint-3")
+    r = run_cli(*runs["args"], "--out", tmp_path, "--fsdp", "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = weights(full / "final"), weights(tmp_path / "final")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_final_loads_in_transformers(runs):
+    """final/ gathered from the FSDP shards loads in transformers' LlamaForCausalLM, whose logits
+    match our model's with the weights that one process trained."""
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(runs["root"] / "fsdp" / "final", dtype=torch.float32)
+    ours = Llama.from_pretrained(runs["root"] / "one" / "final")
+    ids = torch.randint(0, ours.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ours(ids), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("written_by", ["ddp", "fsdp"])
+def test_resume_across_ddp_and_fsdp_fails_in_one_line(runs, written_by):
+    """--resume refuses a checkpoint written in the other mode (the AdamW state is one file under
+    DDP, DCP shards under FSDP) and says how to go on from its weights instead."""
+    flag = [] if written_by == "fsdp" else ["--fsdp"]
+    with pytest.raises(SystemExit, match="--fsdp; resume the same way, or start a new run from its weights with --model"):
+        run(*runs["args"], "--out", runs["root"] / written_by, "--resume", *flag)
