@@ -245,7 +245,10 @@ def reference_logps(model, groups, args, pad_id, device, autocast):
     share = list(range(rank, len(groups), world))
     share += share[:1] * (math.ceil(len(groups) / world) - len(share))  # equal forwards on every rank
     mine = {}
-    for mb in micro_batches([groups[i] for i in share], args.micro_batch_size, args.max_tokens):
+    mbs = micro_batches([groups[i] for i in share], args.micro_batch_size, args.max_tokens)
+    if args.fsdp:  # equal forwards also when the token budget splits the shares differently
+        mbs = fsdp.pad_to_max_count(mbs, mbs[-1], device)
+    for mb in mbs:
         batch = make_batch(mb, args.layout, pad_id, args.max_tokens).to(device)
         with autocast:
             logps = response_logps(model, batch, chunk_size=args.chunk_size)  # (B, K)
@@ -419,7 +422,10 @@ def train(args):
                  f"or start a new run from its weights with --model {resume_dir} (AdamW state starts afresh)")
 
     if args.loss == "dpo":  # the reference is the starting model (also on resume): scored once, then freed
-        ref_model = Llama.from_pretrained(args.model, dtype=torch.float32, device=device).eval()
+        if args.fsdp:  # sharded like the policy: a full copy on every rank is what --fsdp avoids
+            ref_model = fsdp.load_model(args.model, device, param_dtype=dtype).eval()
+        else:
+            ref_model = Llama.from_pretrained(args.model, dtype=torch.float32, device=device).eval()
         reference_logps(ref_model, train_groups + eval_groups, args, tok.pad_id, device, autocast)
         del ref_model
 
