@@ -67,11 +67,12 @@ def parse_args(argv=None):
     p.add_argument("--response_median", type=float, default=290, help="median response length, tokens")
     p.add_argument("--sigma", type=float, default=0.7, help="log-normal sigma of both lengths (the right tail)")
     p.add_argument("--max_len", type=int, default=2048, help="clip: prompt + response tokens, as a trainer's max_length")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per layout (default: 3 on CPU, 10 on CUDA)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per layout (default: 2 on CPU, 10 on CUDA)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     p.add_argument("--chunk_size", type=int, default=1024, help="positions per chunk of the head in the default path")
     p.add_argument("--max_row_tokens", type=int, default=None, help="packed row budget (default: longest group)")
-    p.add_argument("--attn_impl", default="auto", choices=["auto", "sdpa", "flex"], help="attention of the default path")
+    p.add_argument("--attn_impl", default="auto", choices=["auto", "sdpa", "segments", "flex"],
+                   help="attention of the default path (packing.choose_attention)")
     p.add_argument("--loss", default="pair_mnm", help="MPPO loss (mppo.LOSSES)")
     p.add_argument("--seed", type=int, default=0, help="seed of the groups and the model")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: run one layout, print JSON
@@ -88,7 +89,7 @@ def parse_args(argv=None):
             setattr(args, k, v)
     args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
     args.groups = args.groups or (4 if cuda else 1)
-    args.steps = args.steps or (10 if cuda else 3)
+    args.steps = args.steps or (10 if cuda else 2)
     return args
 
 
@@ -152,7 +153,7 @@ def rss_bytes():
 def run_layout(args):
     """Child process: train --warmup + --steps steps in one layout; return its measurements."""
     import mppo
-    from packing import packed_batch, padded_batch, response_logps
+    from packing import choose_attention, packed_batch, padded_batch, response_logps
 
     cuda = args.device.startswith("cuda")
     matmul = matmul_throughput(args)
@@ -161,6 +162,7 @@ def run_layout(args):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=cuda or None)
     loss_fn = mppo.LOSSES[args.loss]
     naive = args.child == "naive"
+    attention = "causal" if naive else choose_attention(model, args.device, args.attn_impl)
 
     times, flops, groups, tokens, logical = [], 0, 0, 0, 0
     for step in range(args.warmup + args.steps):
@@ -193,7 +195,7 @@ def run_layout(args):
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
     total = sum(times)
     return dict(layout=args.child, seconds=total, groups=groups, tokens=tokens, logical=logical, flops=flops, peak=peak,
-                matmul=matmul)
+                matmul=matmul, attention=attention)
 
 
 def matmul_throughput(args, rows=1024, repeats=3):
@@ -280,6 +282,9 @@ def main():
     print(f"groups: {args.groups} per step x {args.steps} steps (+{args.warmup} warm-up), {args.responses} responses, "
           f"log-normal lengths, median prompt {args.prompt_median:g} / response {args.response_median:g}, "
           f"sigma {args.sigma:g}, max_len {args.max_len}")
+    names = dict(causal="SDPA, causal", sdpa="SDPA with a dense mask", segments="SDPA per segment (packing.SegmentAttention)",
+                 flex="flex_attention (packing.FlexAttention)")
+    print(f"attention: naive {names[results[0]['attention']]}; default {names[results[1]['attention']]}")
     print(f"dense matmul throughput measured at the model's shapes: {matmul / 1e9:.1f} GFLOP/s"
           + (f"; datasheet peak {datasheet / 1e12:.0f} TFLOP/s" if datasheet else ""))
     print()

@@ -29,6 +29,13 @@ groups share a row, with no padding between them and no attention across them.
         b     x x x       x
         ...                  (b sees the prompt and the b before it, never a)
 
+The model computes that mask one of three ways (attn_impl, see choose_attention): 'sdpa' hands
+it to scaled_dot_product_attention as a dense (T, T) bool mask, which works with any model but
+computes all T^2 scores of a row, most of them hidden; 'segments' (SegmentAttention) makes one
+SDPA call per prompt and per response, over only the keys it may see; 'flex' (FlexAttention)
+runs flex_attention with a block mask, the fast choice on CUDA. The last two are callables the
+model invokes in place of SDPA, so they need a model.py that accepts one.
+
 response_logps never builds the (tokens, vocab) logits tensor, the largest memory cost of
 preference training (Llama 3 has a 128,256-word vocabulary): it takes the final hidden
 states, keeps only the positions that predict scored response tokens, and runs the
