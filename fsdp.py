@@ -25,7 +25,6 @@ is reduce-scattered with the others when the backward ends.
 """
 
 import math
-import os
 from pathlib import Path
 
 import torch
@@ -106,7 +105,3 @@ def pad_to_max_count(items, filler, device):
     n = torch.tensor([len(items)], device=device)
     dist.all_reduce(n, op=dist.ReduceOp.MAX)
     return items + [filler] * (int(n) - len(items))
-
-
-def is_fsdp_checkpoint(folder):
-    return os.path.isdir(os.path.join(folder, "sharded"))
