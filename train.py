@@ -43,8 +43,8 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from baselines import BASELINES
-import fsdp
 from data import ChatTokenizer, GroupLoader, micro_batches, read_groups, scale_scores, tokenize_groups
+import fsdp
 from model import Llama, LlamaConfig, generate
 from mppo import LOSSES, has_preference
 from packing import packed_batch, padded_batch, response_logps
@@ -84,7 +84,7 @@ def parse_args(argv=None):
     a("--max_length", type=int, default=2048, help="longest prompt + response in tokens; responses are cut to fit")
     a("--max_prompt_length", type=int, default=1800, help="longest prompt in tokens; longer prompts keep their end")
     a("--score_header", action="store_true", help="score the assistant header tokens as part of the response")
-    a("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="compute dtype (autocast); default bfloat16 on GPU, float32 on CPU")
+    a("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="compute dtype (autocast; under --fsdp the dtype blocks are gathered and computed in); default bfloat16 on GPU, float32 on CPU")
     a("--device", default=None, help="cpu or cuda (default: cuda when available)")
     a("--gradient_checkpointing", action="store_true", help="recompute each block's activations in backward")
     a("--fsdp", action="store_true", help="shard parameters, gradients and AdamW state over all ranks (FSDP2) instead of DDP's full replicas")
@@ -517,7 +517,7 @@ def train(args):
                         logps = response_logps(model, batch, chunk_size=args.chunk_size)  # (B, K) float32
                     counted = counted_groups(args.loss, batch.scores, batch.mask)
                     losses = group_losses(args, logps, batch, generator)
-                    # DDP averages gradients over ranks; multiply by world to get a sum over the global batch
+                    # DDP (and FSDP) average gradients over ranks; multiply by world to get a sum over the global batch
                     loss = (losses * counted).sum() * world / max(n_counted, 1)
                     if i >= real:
                         loss = loss * 0
