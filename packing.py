@@ -275,7 +275,10 @@ class _ChunkedTargetLogprobs(torch.autograd.Function):
             if grad_hidden is not None:
                 grad_hidden[i : i + C] = dz @ weight
             if grad_weight is not None:
-                grad_weight += (dz.T @ h).float()  # (V, H), summed over chunks in float32
+                if dz.dtype == torch.float32:
+                    grad_weight.addmm_(dz.T, h)  # (V, H), summed over chunks in place
+                else:  # bf16 matmul, summed in float32
+                    grad_weight += (dz.T @ h).float()
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None
