@@ -7,7 +7,7 @@ steps for each method, like its Figures 3 and 4.
 The embedded demo (no download): a random tiny Llama is fine-tuned once on the demo's sloppy
 SFT data, and each method continues from it on the demo's preference groups; the held-out groups
 give the ranking metrics and the greedy task success (share of prompts whose greedy answer is the
-sorted one). About 20 minutes on 2 CPU cores:
+sorted one). About 15 minutes on 2 CPU cores (11 methods x 5 seeds, two runs at a time):
 $ python compare.py --report results
 
 CI size (a smaller model, a few steps, every method once; under a minute):
@@ -75,7 +75,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def parse_args(argv=None):
     p = ArgumentParser(description="Train every MPPO variant and baseline with several seeds; tabulate and plot.",
-                                epilog="Any other flag is passed to train.py for every run (see python train.py --help).")
+                       epilog="Any other flag is passed to train.py for every run (see python train.py --help).")
     a = p.add_argument
     a("--methods", nargs="+", default=METHODS, choices=METHODS, help="methods to train (default: all, in the paper's order)")
     a("--seeds", nargs="+", type=int, default=None, help="training seeds of every method: data order and Pair-Single's draws (default: 0 1 2 3 4; 0 with --quick)")
@@ -264,13 +264,17 @@ def main(argv=None):
     t0 = time.time()
     os.makedirs(args.out, exist_ok=True)
     os.makedirs(args.report, exist_ok=True)
-    if any(r == "--model" or r.startswith("--model=") for r in rest):
-        flags, mode = rest, "pass-through"
-    else:  # the demo; train.py flags given here override its recipe (argparse keeps the last value)
-        mode = "quick" if args.quick else "demo"
-        flags = demo_setup(args.out, mode) + rest
+    mode = "pass-through" if any(r == "--model" or r.startswith("--model=") for r in rest) else "quick" if args.quick else "demo"
     if args.jobs is None:
         args.jobs = 2 if mode == "demo" and (os.cpu_count() or 1) >= 2 else 1
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    if args.jobs > 1 and args.launcher is None:
+        # this process's own work (SFT, the starting model's evaluation) gets one share of the
+        # cores too: torch processes that each use every core slow each other down far more than
+        # the 2x that sharing costs, because their OpenMP threads spin waiting for each other
+        torch.set_num_threads(threads)
+    # the demo: train.py flags given here override its recipe (argparse keeps the last value)
+    flags = rest if mode == "pass-through" else demo_setup(args.out, mode) + rest
 
     print("== the starting model on the held-out groups", flush=True)
     start = evaluate_start(flags)
@@ -279,10 +283,7 @@ def main(argv=None):
     for _, _, run in todo:
         shutil.rmtree(run, ignore_errors=True)  # a partial run: start it over (metrics.jsonl appends)
     job_argv = lambda m, s, run: flags + args.extra.get(m, []) + ["--loss", m, "--seed", str(s), "--out", run]
-    if args.jobs > 1:
-        # subprocesses with one share of the cores each: two torch processes that both use every
-        # core slow each other down far more than the 2x that sharing costs (OpenMP threads spin)
-        threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    if args.jobs > 1:  # subprocesses, each with its share of the cores
 
         def one(job):
             m, s, run = job

@@ -270,7 +270,10 @@ def main(argv=None):
     if distributed:
         dist.init_process_group(backend="nccl" if args.device.startswith("cuda") else "gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    device = torch.device(args.device, int(os.environ.get("LOCAL_RANK", 0))) if args.device == "cuda" and distributed else torch.device(args.device)
+    device = torch.device(args.device)
+    if distributed and device.type == "cuda":  # one GPU per process
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
     for path in (args.data, args.generate):
         if path and not os.path.isfile(path):
             raise SystemExit(f"error: {path}: no such file")
