@@ -261,18 +261,27 @@ def plot_curves(path, curves, methods):
 
 def main(argv=None):
     args, rest = parse_args(argv)
-    t0 = time.time()
-    os.makedirs(args.out, exist_ok=True)
-    os.makedirs(args.report, exist_ok=True)
     mode = "pass-through" if any(r == "--model" or r.startswith("--model=") for r in rest) else "quick" if args.quick else "demo"
     if args.jobs is None:
         args.jobs = 2 if mode == "demo" and (os.cpu_count() or 1) >= 2 else 1
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
-    if args.jobs > 1 and args.launcher is None:
-        # this process's own work (SFT, the starting model's evaluation) gets one share of the
-        # cores too: torch processes that each use every core slow each other down far more than
-        # the 2x that sharing costs, because their OpenMP threads spin waiting for each other
-        torch.set_num_threads(threads)
+    # Torch processes that each use every core slow each other down far more than the 2x that
+    # sharing costs (their OpenMP threads spin waiting for each other), so with parallel jobs this
+    # process's own work (SFT, the starting model's evaluation) gets one share of the cores too,
+    # and the --quick size, a model too small to gain from threads, runs on one core.
+    previous = torch.get_num_threads()
+    if mode == "quick" or (args.jobs > 1 and args.launcher is None):
+        torch.set_num_threads(1 if mode == "quick" else threads)
+    try:
+        return compare(args, rest, mode, threads, argv)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def compare(args, rest, mode, threads, argv):
+    t0 = time.time()
+    os.makedirs(args.out, exist_ok=True)
+    os.makedirs(args.report, exist_ok=True)
     # the demo: train.py flags given here override its recipe (argparse keeps the last value)
     flags = rest if mode == "pass-through" else demo_setup(args.out, mode) + rest
 
