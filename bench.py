@@ -75,6 +75,9 @@ def parse_args(argv=None):
                    help="attention of the default path (packing.choose_attention)")
     p.add_argument("--loss", default="pair_mnm", help="MPPO loss (mppo.LOSSES)")
     p.add_argument("--seed", type=int, default=0, help="seed of the groups and the model")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run each layout this many times, alternating, and keep its fastest run (a busy machine)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads; default: torch's)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: run one layout, print JSON
     args = p.parse_args(argv)
 
@@ -156,6 +159,8 @@ def run_layout(args):
     from packing import choose_attention, packed_batch, padded_batch, response_logps
 
     cuda = args.device.startswith("cuda")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     matmul = matmul_throughput(args)
     rss0 = rss_bytes()
     model = build_model(args)
@@ -223,7 +228,8 @@ def matmul_throughput(args, rows=1024, repeats=3):
 
 
 def child_result(args, layout):
-    argv = [a for a in sys.argv[1:]]
+    """Run one layout in a fresh process (its peak memory is its own) and read its JSON line."""
+    argv = sys.argv[1:]
     cmd = [sys.executable, os.path.abspath(__file__), *argv, "--child", layout]
     out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -268,18 +274,25 @@ def main():
         machine = name
         datasheet = next((v for k, v in DATASHEET_BF16.items() if k in name), None) if args.dtype in ("bfloat16", "float16") else None
     else:
-        machine = f"CPU, {torch.get_num_threads()} threads"
+        machine = f"CPU, {args.threads or torch.get_num_threads()} threads, {os.cpu_count()} cores"
         datasheet = None
+    load_before = os.getloadavg()[0]
     n_params = sum(p.numel() for p in build_model(args, device="meta").parameters())  # shapes only, no memory
-    results = [child_result(args, "naive"), child_result(args, "default")]
-    # each child times the matmuls just before its steps; the better of the two is the device's throughput
-    matmul = max(r["matmul"] for r in results)
+    # alternate the layouts round by round and keep each one's fastest round: another process
+    # that slows the machine for a while then hurts both layouts alike, not just one of them
+    rounds = [[child_result(args, "naive"), child_result(args, "default")] for _ in range(args.rounds)]
+    results = [min((r[i] for r in rounds), key=lambda r: r["seconds"]) for i in range(2)]
+    # each child times the matmuls just before its steps; the best is the device's throughput
+    matmul = max(r["matmul"] for rs in rounds for r in rs)
     text, _ = table(args, results, matmul, datasheet)
     tied = " (tied embeddings)" if args.tie else ""
-    print(f"mppo bench: {machine}, {args.dtype}, torch {torch.__version__}")
+    # other processes on the machine slow one layout more than the other: the load tells
+    print(f"mppo bench: {machine}, {args.dtype}, torch {torch.__version__}; "
+          f"load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after")
     print(f"model: {args.shape} shape, {args.layers} layers, hidden {args.hidden}, heads {args.heads}/{args.kv_heads}, "
           f"MLP {args.intermediate}, vocab {args.vocab}{tied}, {n_params / 1e6:.1f}M parameters")
-    print(f"groups: {args.groups} per step x {args.steps} steps (+{args.warmup} warm-up), {args.responses} responses, "
+    best = f", fastest of {args.rounds} alternating runs per layout" if args.rounds > 1 else ""
+    print(f"groups: {args.groups} per step x {args.steps} steps (+{args.warmup} warm-up){best}, {args.responses} responses, "
           f"log-normal lengths, median prompt {args.prompt_median:g} / response {args.response_median:g}, "
           f"sigma {args.sigma:g}, max_len {args.max_len}")
     names = dict(causal="SDPA, causal", sdpa="SDPA with a dense mask", segments="SDPA per segment (packing.SegmentAttention)",
