@@ -326,7 +326,10 @@ def compare(args, rest, mode, threads, argv):
     command = "python compare.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     report = [f"# MPPO and baselines, {mode} size\n", table(results, start, args.seeds),
               f"`{command}`: {minutes:.1f} min on {os.cpu_count()} CPU core(s), {platform.processor() or platform.machine()}, "
-              f"torch {torch.__version__}{', CUDA' if torch.cuda.is_available() else ''}.\n",
+              f"torch {torch.__version__}{', CUDA' if torch.cuda.is_available() else ''}; {len(todo)} of {len(jobs)} runs trained "
+              f"by this command (the others were read back from {args.out}).\n",
+              "train.py flags of every run: `" + " ".join(shlex.quote(f) for f in flags) + "`"
+              + "".join(f"; {m} also `{' '.join(map(shlex.quote, x))}`" for m, x in args.extra.items()) + ".\n",
               "p_curves.png: chosen and rejected p over training steps (mean over seeds, range shaded); raw numbers in curves.csv.\n"
               if plotted else "No plot: matplotlib is not installed (pip install -r requirements-plot.txt); the curves are in curves.csv.\n"]
     with open(os.path.join(args.report, "results.md"), "w") as f:
