@@ -18,7 +18,7 @@ Real models: every flag compare.py does not know goes to train.py unchanged, for
 under torchrun, and --method_flags adds flags for one method (the paper tuned the learning rate):
 $ python compare.py --model Llama-3-8B-SFT --data ultrafeedback.jsonl --eval_data heldout.jsonl \\
     --eval_generate 200 --seeds 0 1 --out runs/compare --launcher "torchrun --standalone --nproc_per_node 8" \\
-    --method_flags "dpo=--lr 5e-7" --method_flags "simpo=--lr 1e-6" -- --batch_size 128 --lr 5e-7 --dtype bfloat16
+    --method_flags "dpo=--lr 5e-7" --method_flags "simpo=--lr 1e-6" --batch_size 128 --lr 5e-7 --dtype bfloat16
 
 Writes to --out: runs/METHOD/seed-S/ (train.py's output; a finished run is not repeated when
 compare.py is run again) and, to --report (default: --out), results.md (the table), runs.csv
@@ -87,8 +87,7 @@ def parse_args(argv=None):
                                               "(default: 2 for the demo on a machine with 2 or more cores, else 1)")
     a("--method_flags", action="append", default=[], metavar="METHOD=FLAGS", help="extra train.py flags for one method, e.g. 'dpo=--lr 5e-7'")
     args, rest = p.parse_known_args(argv)
-    if rest[:1] == ["--"]:
-        rest = rest[1:]
+    rest = [r for r in rest if r != "--"]  # an optional separator before the train.py flags
     for flag in ("--loss", "--seed", "--out"):
         if any(r == flag or r.startswith(flag + "=") for r in rest):
             p.error(f"{flag} is set by compare.py for each run; use --methods / --seeds / --out")
