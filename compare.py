@@ -17,8 +17,11 @@ Real models: every flag compare.py does not know goes to train.py unchanged, for
 (compare.py sets --loss, --seed and --out itself); --launcher runs each job as a subprocess, e.g.
 under torchrun, and --method_flags adds flags for one method (the paper tuned the learning rate):
 $ python compare.py --model Llama-3-8B-SFT --data ultrafeedback.jsonl --eval_data heldout.jsonl \\
-    --eval_generate 200 --seeds 0 1 --out runs/compare --launcher "torchrun --standalone --nproc_per_node 8" \\
+    --seeds 0 1 --out runs/compare --launcher "torchrun --standalone --nproc_per_node 8" \\
     --method_flags "dpo=--lr 5e-7" --method_flags "simpo=--lr 1e-6" --batch_size 128 --lr 5e-7 --dtype bfloat16
+(greedy task success, --eval_generate, is exact match with the best response: a toy-task metric;
+judge real models with MT-Bench / AlpacaEval on the answers of eval.py --generate for each
+runs/METHOD/seed-S/final instead)
 
 Writes to --out: runs/METHOD/seed-S/ (train.py's output; a finished run is not repeated when
 compare.py is run again) and, to --report (default: --out), results.md (the table), runs.csv
