@@ -244,36 +244,41 @@ def packed_batch(groups, max_row_tokens=None, pad_id=0):
 class _ChunkedTargetLogprobs(torch.autograd.Function):
     """log_softmax(h @ W^T)[target] per row, a chunk of rows at a time; backward recomputes the chunk.
 
-    With z = h W^T, log p_y = z_y - logsumexp(z), so d log p_y / dz = onehot(y) - softmax(z): the
-    backward needs only h, W and y, and holds (chunk, vocab) floats at a time.
+    With z = h W^T, log p_y = z_y - logsumexp(z), so d log p_y / dz = onehot(y) - exp(z - logsumexp(z)):
+    the backward needs only h, W, y and the N log-sum-exps, and holds one (chunk, vocab) float32
+    buffer at a time (every step on it is in place).
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_size):
-        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        for i in range(0, hidden.shape[0], chunk_size):
+        N = hidden.shape[0]
+        out = torch.empty(N, dtype=torch.float32, device=hidden.device)
+        lse = torch.empty(N, dtype=torch.float32, device=hidden.device)
+        for i in range(0, N, chunk_size):
             # logits in the model's dtype, log-softmax in float32: what model(...).float().log_softmax() does
             z = (hidden[i : i + chunk_size] @ weight.T).float()  # (C, V)
-            y = targets[i : i + chunk_size]
-            out[i : i + chunk_size] = z.gather(1, y[:, None]).squeeze(1) - z.logsumexp(dim=1)
-        ctx.save_for_backward(hidden, weight, targets)
+            target_logit = z.gather(1, targets[i : i + chunk_size, None]).squeeze(1)  # (C,)
+            m = z.amax(dim=1)  # (C,), subtracted so exp cannot overflow
+            lse[i : i + chunk_size] = z.sub_(m[:, None]).exp_().sum(dim=1).log_().add_(m)
+            out[i : i + chunk_size] = target_logit - lse[i : i + chunk_size]
+        ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.chunk_size = chunk_size
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        hidden, weight, targets = ctx.saved_tensors
+        hidden, weight, targets, lse = ctx.saved_tensors
         C = ctx.chunk_size
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
         for i in range(0, hidden.shape[0], C):
             h, y, g = hidden[i : i + C], targets[i : i + C], grad_out[i : i + C]
             z = (h @ weight.T).float()  # (C, V), recomputed
-            dz = z.softmax(dim=1).mul_(-g[:, None])  # -g * softmax(z) ...
+            dz = z.sub_(lse[i : i + C, None]).exp_().mul_(-g[:, None])  # -g * softmax(z) ...
             dz.scatter_add_(1, y[:, None], g[:, None])  # ... + g * onehot(y)
             dz = dz.to(weight.dtype)
             if grad_hidden is not None:
-                grad_hidden[i : i + C] = dz @ weight
+                grad_hidden[i : i + C] = dz @ weight  # (C, H)
             if grad_weight is not None:
                 if dz.dtype == torch.float32:
                     grad_weight.addmm_(dz.T, h)  # (V, H), summed over chunks in place
