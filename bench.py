@@ -161,8 +161,7 @@ def run_layout(args):
     cuda = args.device.startswith("cuda")
     if args.threads:
         torch.set_num_threads(args.threads)
-    matmul = matmul_throughput(args)
-    rss0 = rss_bytes()
+    rss0 = rss_bytes()  # torch imported, nothing allocated yet
     model = build_model(args)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=cuda or None)
     loss_fn = mppo.LOSSES[args.loss]
@@ -198,15 +197,18 @@ def run_layout(args):
         peak = torch.cuda.max_memory_allocated()
     else:  # ru_maxrss is in KiB on Linux
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
+    del model, opt, batch, logps, loss
+    # after the steps, so that memory the matmuls leave with the allocator does not hide in rss0
+    matmul = matmul_throughput(args)
     total = sum(times)
     return dict(layout=args.child, seconds=total, groups=groups, tokens=tokens, logical=logical, flops=flops, peak=peak,
                 matmul=matmul, attention=attention)
 
 
-def matmul_throughput(args, rows=1024, repeats=3):
+def matmul_throughput(args, rows=2048, seconds=0.3):
     """FLOP/s of torch.matmul on this device at the model's shapes and dtype: (rows, in) @ (in, out)
-    for each projection of a block (counted once per layer) and for the head (once), timed after a
-    warm-up, so the mix of shapes is the model's own."""
+    for each projection of a block (weighted by the number of layers) and for the head (once), each
+    timed for about `seconds` after a warm-up, so the mix of shapes is the model's own."""
     dtype = getattr(torch, args.dtype)
     hd = args.hidden // args.heads
     block = [(args.hidden, args.heads * hd), (args.hidden, 2 * args.kv_heads * hd), (args.heads * hd, args.hidden),
@@ -217,12 +219,13 @@ def matmul_throughput(args, rows=1024, repeats=3):
         w = torch.randn(n_in, n_out, device=args.device, dtype=dtype)
         x @ w
         sync(args.device)
-        t0 = time.perf_counter()
-        for _ in range(repeats):
+        t0, n = time.perf_counter(), 0
+        while n < 2 or time.perf_counter() - t0 < seconds:
             x @ w
-        sync(args.device)
-        total_time += count * (time.perf_counter() - t0)
-        total_flops += count * 2 * rows * n_in * n_out * repeats
+            n += 1
+            sync(args.device)
+        total_time += count * (time.perf_counter() - t0) / n
+        total_flops += count * 2 * rows * n_in * n_out
         del x, w
     return total_flops / total_time
 
