@@ -231,7 +231,10 @@ class Attention(nn.Module):
         # (repeated explicitly rather than with enable_gqa, which not every SDPA kernel accepts with a mask)
         rep = self.n_head // self.n_kv_head
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, nh, S, hs)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)  # (B, nh, T, hs)
+        if callable(mask):  # an attention function for packed batches (packing.SegmentAttention, FlexAttention)
+            y = mask(q, k, v)  # (B, nh, T, hs)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)  # (B, nh, T, hs)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 
@@ -260,6 +263,8 @@ class Block(nn.Module):
 
 
 class Llama(nn.Module):
+    accepts_attention_fn = True  # forward takes a callable attention(q, k, v) as attn_mask (see packing.py)
+
     def __init__(self, config):
         super().__init__()
         self.config = config
@@ -282,7 +287,9 @@ class Llama(nn.Module):
     def forward(self, input_ids, position_ids=None, attn_mask=None, return_hidden=False, kv_cache=None):
         """input_ids (B, T) long. position_ids (B, T) long, default arange (after any cached tokens).
         attn_mask: None for causal attention, or bool (B, T, T) with True where query t may attend key s;
-        every query must be allowed at least one key (e.g. itself), or SDPA returns NaN for it.
+        every query must be allowed at least one key (e.g. itself), or SDPA returns NaN for it;
+        or a callable attention(q, k, v) -> y, all (B, n_head, T, head_dim), used in every layer in
+        place of SDPA (packing.py's SegmentAttention and FlexAttention skip what a dense mask hides).
         Returns logits (B, T, vocab) in the model dtype, or the final-norm hidden states (B, T, hidden)
         with return_hidden=True, so a caller can apply lm_head chunk by chunk."""
         B, T = input_ids.shape
@@ -290,7 +297,11 @@ class Llama(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
         mask = None  # None: causal over the T tokens, SDPA's is_causal fast path
-        if attn_mask is not None:
+        if callable(attn_mask):
+            if kv_cache is not None:
+                raise ValueError("a callable attn_mask cannot be combined with a kv_cache")
+            mask = attn_mask
+        elif attn_mask is not None:
             if attn_mask.dtype != torch.bool:
                 raise TypeError(f"attn_mask must be bool (True = may attend), got {attn_mask.dtype}")
             mask = attn_mask[:, None]  # (B, 1, T, S), broadcast over heads

@@ -160,6 +160,41 @@ def test_packed_shared_prompt_matches_separate_runs(tmp_path):
     assert checked == 5
 
 
+def test_callable_attention_replaces_sdpa(tmp_path):
+    """attn_mask may be a callable attention(q, k, v): called once per layer with (B, n_head, T,
+    head_dim) tensors (keys/values already repeated for GQA), and a callable that runs SDPA under the
+    same bool mask gives the same logits and, with gradient checkpointing, the same gradients."""
+    make_checkpoint(tmp_path)  # 4 query heads, 2 key/value heads, head_dim 16, 2 layers
+    model = Llama.from_pretrained(tmp_path)
+    ids = random_ids(2, 19, seed=4)
+    mask, pos, _ = segment_mask_and_positions([("prompt", 7, 0), ("response", 5, 0), ("response", 7, 0)])
+    mask, pos = mask.expand(2, -1, -1), pos.expand(2, -1)
+    shapes = []
+
+    def attention(q, k, v):
+        shapes.append((q.shape, k.shape, v.shape))
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
+
+    def loss_and_grads(attn_mask, checkpointing):
+        model.gradient_checkpointing = checkpointing
+        model.zero_grad()
+        logits = model(ids, position_ids=pos, attn_mask=attn_mask)
+        torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 128), ids[:, 1:].reshape(-1)).backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    ref_logits, ref_grads = loss_and_grads(mask, False)
+    for checkpointing in (False, True):
+        shapes.clear()
+        logits, grads = loss_and_grads(attention, checkpointing)
+        assert shapes[:2] == [(torch.Size([2, 4, 19, 16]),) * 3] * 2  # (checkpointing calls it again in backward)
+        assert len(shapes) == (4 if checkpointing else 2)
+        torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-6)
+        for name in ref_grads:
+            torch.testing.assert_close(grads[name], ref_grads[name], rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="callable attn_mask cannot be combined with a kv_cache"):
+        model(ids, attn_mask=attention, kv_cache=model.new_kv_cache(2, 32))
+
+
 def naive_greedy(model, ids, n):
     """Argmax decoding with a full forward over the whole sequence at every step (no cache)."""
     ids, new = list(ids), []

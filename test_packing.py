@@ -95,7 +95,7 @@ def test_layouts_match_unshared_reference_values_and_grads(tie):
     """Packed (chunked head) and padded (full logits) per-response log-probs and parameter
     gradients equal the one-response-at-a-time loop, float32, <= 1e-5; packed with three row
     budgets: default (longest group), 1 (every group alone), 10**6 (all groups in one row), with
-    the dense SDPA mask and (where model.py accepts it) SegmentAttention."""
+    SegmentAttention (the CPU default) and with SDPA under the dense mask."""
     model = tiny_model(tie=tie)
     groups = random_groups(seed=1, num_groups=5)
     ref = reference_logps(model, groups)
@@ -107,12 +107,13 @@ def test_layouts_match_unshared_reference_values_and_grads(tie):
         "padded/full": lambda: response_logps(model, padded_batch(groups, pad_id=5), full_logits=True),
         "padded/chunked": lambda: response_logps(model, padded_batch(groups), chunk_size=7),
         "packed/default": lambda: response_logps(model, packed_batch(groups), chunk_size=7),
+        "packed/sdpa": lambda: response_logps(model, packed_batch(groups), chunk_size=7, attn_impl="sdpa"),
+        "packed/segments": lambda: response_logps(model, packed_batch(groups), attn_impl="segments"),
         "packed/one-group-rows": lambda: response_logps(model, packed_batch(groups, max_row_tokens=1)),
         "packed/one-row": lambda: response_logps(model, packed_batch(groups, max_row_tokens=10**6), chunk_size=3),
+        "packed/one-row/sdpa": lambda: response_logps(model, packed_batch(groups, max_row_tokens=10**6), attn_impl="sdpa"),
         "packed/full": lambda: response_logps(model, packed_batch(groups), full_logits=True),
     }
-    if getattr(Llama, "accepts_attention_fn", False):  # model.py takes a callable attention
-        candidates["packed/segments"] = lambda: response_logps(model, packed_batch(groups), attn_impl="segments")
     for name, compute in candidates.items():
         logps = compute()
         assert logps.dtype == torch.float32 and logps.shape == ref.shape, name
@@ -138,7 +139,8 @@ def test_packed_bf16_within_documented_tolerance():
     assert (logps - full).abs().max() > 0  # really ran in bf16
 
 
-def test_groups_in_one_row_do_not_see_each_other():
+@pytest.mark.parametrize("attn_impl", ["sdpa", "segments"])
+def test_groups_in_one_row_do_not_see_each_other(attn_impl):
     """Two groups packed into one row: changing every token of either group leaves the other's
     log-probs exactly as they were (and changes its own), and the mask has no cross-group entry."""
     model = tiny_model()
@@ -149,9 +151,9 @@ def test_groups_in_one_row_do_not_see_each_other():
     with torch.no_grad():
         ab = packed_batch([a, b], max_row_tokens=100)
         assert ab.input_ids.shape[0] == 1  # both groups share the row
-        base = response_logps(model, ab)
-        changed_b = response_logps(model, packed_batch([a, b2], max_row_tokens=100))
-        changed_a = response_logps(model, packed_batch([a2, b], max_row_tokens=100))
+        base = response_logps(model, ab, attn_impl=attn_impl)
+        changed_b = response_logps(model, packed_batch([a, b2], max_row_tokens=100), attn_impl=attn_impl)
+        changed_a = response_logps(model, packed_batch([a2, b], max_row_tokens=100), attn_impl=attn_impl)
     torch.testing.assert_close(changed_b[0], base[0], rtol=0, atol=1e-6)
     torch.testing.assert_close(changed_a[1], base[1], rtol=0, atol=1e-6)
     present = ab.mask
