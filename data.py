@@ -537,6 +537,7 @@ class TokenizedGroup:
     response_ids: list[list[int]]  # each response as scored: content + end-of-turn token (cut to max_length)
     scores: list[float]  # one per response, higher is better
     line: int  # where the group came from in its data file
+    ref_logps: list[float] | None = None  # DPO: each response's mean log-prob under the starting model (train.py fills it)
 
 
 def _truncate(prompt: list[int], responses: list[list[int]], max_length, max_prompt_length, bos_id):

@@ -74,6 +74,7 @@ class Batch:
     mask: torch.Tensor  # (B, K) bool, False in the padding slots of groups with fewer than K responses
     num_tokens: int  # tokens the forward processes, padding included (R * T)
     num_logical_tokens: int  # prompt + response tokens counted once per response, as unshared and unpadded
+    ref_logps: torch.Tensor | None = None  # (B, K) float32, the groups' ref_logps (DPO), 0 in padding slots; else None
 
     def to(self, device):
         moved = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -111,7 +112,12 @@ def _scores_and_mask(groups):
         scores[b, :n] = torch.tensor([float(s) for s in g.scores])
         mask[b, :n] = True
         num_scored[b, :n] = torch.tensor([len(r) for r in g.response_ids])
-    return K, scores, mask, num_scored
+    ref_logps = None
+    if all(getattr(g, "ref_logps", None) is not None for g in groups):
+        ref_logps = torch.zeros(B, K, dtype=torch.float32)
+        for b, g in enumerate(groups):
+            ref_logps[b, : len(g.ref_logps)] = torch.tensor(g.ref_logps, dtype=torch.float32)
+    return K, scores, mask, num_scored, ref_logps
 
 
 def attention_mask(doc_ids, seg_ids):
@@ -154,7 +160,7 @@ class _Layout:
         self.response_index.append(torch.full((n,), response, dtype=torch.long))
 
     def batch(self, groups, need_mask, num_logical_tokens):
-        K, scores, mask, num_scored = _scores_and_mask(groups)
+        K, scores, mask, num_scored, ref_logps = _scores_and_mask(groups)
         return Batch(
             input_ids=self.input_ids,
             position_ids=self.position_ids,
@@ -170,6 +176,7 @@ class _Layout:
             mask=mask,
             num_tokens=self.input_ids.numel(),
             num_logical_tokens=num_logical_tokens,
+            ref_logps=ref_logps,
         )
 
 

@@ -193,6 +193,18 @@ def test_packed_layout_by_hand():
     assert batch.attn_mask[0].int().tolist() == expected
 
 
+@pytest.mark.parametrize("make", [packed_batch, padded_batch])
+def test_reference_logps_ride_along(make):
+    """Groups carrying ref_logps (DPO) give batch.ref_logps (B, K) in group order, 0 in padding
+    slots, kept by Batch.to(); groups without them give None."""
+    a, b = group([1, 2], [[3, 4], [5]]), group([6], [[7], [8, 9], [10]])
+    assert make([a, b]).ref_logps is None
+    a.ref_logps, b.ref_logps = [-0.5, -1.5], [-2.0, -3.0, -4.0]
+    batch = make([a, b]).to("cpu")
+    assert batch.ref_logps.dtype == torch.float32
+    assert batch.ref_logps.tolist() == [[-0.5, -1.5, 0.0], [-2.0, -3.0, -4.0]]
+
+
 def test_padding_in_packed_rows_attends_only_to_padding():
     """Rows of different lengths: the padding at the end of the short row attends to padding
     only (so no query row is empty, which would give NaN in SDPA), and real tokens never see it."""

@@ -151,10 +151,12 @@ def test_gradient_checkpointing_same_result(setup, tmp_path):
         torch.testing.assert_close(b[k], a[k], rtol=1e-6, atol=1e-7, msg=k)
 
 
-def test_padded_layout_same_result(setup, tmp_path):
-    """The naive padded layout (--layout padded) and the default packed layout train alike."""
+@pytest.mark.parametrize("flag", [("--layout", "padded"), ("--attn_impl", "sdpa")])
+def test_other_layouts_same_result(setup, tmp_path, flag):
+    """The naive padded layout (--layout padded) and the packed layout with a dense-mask SDPA train
+    like the default (packed rows, attention per segment on CPU)."""
     run(*common(setup, tmp_path / "a", **{"--loss": "pair_mnm", "--max_steps": 3}))
-    run(*common(setup, tmp_path / "b", **{"--loss": "pair_mnm", "--max_steps": 3, "--layout": "padded"}))
+    run(*common(setup, tmp_path / "b", **{"--loss": "pair_mnm", "--max_steps": 3, flag[0]: flag[1]}))
     a, b = weights(tmp_path / "a" / "final"), weights(tmp_path / "b" / "final")
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
@@ -174,7 +176,7 @@ def test_checkpoint_loads_in_transformers(setup, tmp_path):
 
 @pytest.mark.parametrize(
     "case",
-    ["unknown_loss", "missing_model", "missing_data", "nothing_usable", "batch_too_big", "bad_json"],
+    ["unknown_loss", "missing_model", "missing_data", "nothing_usable", "batch_too_big", "bad_json", "flex_on_cpu"],
 )
 def test_bad_invocations_fail_in_one_line(setup, tmp_path, case):
     """Bad input ends with exit code != 0 and one line 'error: ...' that names the problem; no traceback."""
@@ -193,6 +195,7 @@ def test_bad_invocations_fail_in_one_line(setup, tmp_path, case):
         "nothing_usable": ([], "ties.jsonl"),
         "batch_too_big": (["--batch_size", 1024], "1024"),
         "bad_json": ([], "bad.jsonl:2"),
+        "flex_on_cpu": (["--attn_impl", "flex"], "--attn_impl flex needs CUDA"),
     }[case]
     r = run_cli(*argv, *expect[0])
     assert r.returncode != 0

@@ -90,6 +90,9 @@ def parse_args(argv=None):
     a("--fsdp", action="store_true", help="shard parameters, gradients and AdamW state over all ranks (FSDP2) instead of DDP's full replicas")
     a("--layout", default="packed", choices=["packed", "padded"], help="packed: one forward per group with a shared prompt; padded: naive baseline")
     a("--chunk_size", type=int, default=1024, help="positions per chunk of the language-model head in the loss")
+    a("--attn_impl", default="auto", choices=["auto", "sdpa", "segments", "flex"],
+      help="attention of packed rows: sdpa with a dense mask; segments: SDPA per prompt/response span; "
+           "flex: flex_attention with a block mask (CUDA); auto: flex on CUDA, segments elsewhere")
     a("--seed", type=int, default=0, help="seed of the data order, Pair-Single's draws and everything else random")
     a("--log_every", type=int, default=10, help="log training metrics every this many steps")
     a("--eval_every", type=int, default=0, help="evaluate on --eval_data every this many steps (0: only at the end)")
@@ -220,26 +223,13 @@ def ranking_metrics(sums):
 
 
 def make_batch(groups, layout, pad_id, max_tokens):
-    batch = packed_batch(groups, max_row_tokens=max_tokens) if layout == "packed" else padded_batch(groups, pad_id)
-    if hasattr(groups[0], "ref_logps"):  # DPO: the starting model's log-probs, attached by reference_logps()
-        batch.ref_logps = torch.zeros(batch.mask.shape)  # (B, K), 0 in padding slots
-        for b, g in enumerate(groups):
-            batch.ref_logps[b, : len(g.ref_logps)] = torch.tensor(g.ref_logps)
-    return batch
-
-
-def to_device(batch, device):
-    """batch.to(device), keeping the ref_logps that make_batch attached (Batch.to copies its fields only)."""
-    moved = batch.to(device)
-    if hasattr(batch, "ref_logps"):
-        moved.ref_logps = batch.ref_logps.to(device)
-    return moved
+    return packed_batch(groups, max_row_tokens=max_tokens) if layout == "packed" else padded_batch(groups, pad_id)
 
 
 @torch.no_grad()
 def reference_logps(model, groups, args, pad_id, device, autocast):
     """DPO's reference: each group's (K,) mean token log-probs under the starting model, computed
-    once before training and attached to the group as .ref_logps (a list of floats), so no second
+    once before training and stored in each group's ref_logps (a list of floats), so no second
     model stays in memory. Each rank scores an equal share; the shares are all-gathered."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     share = list(range(rank, len(groups), world))
@@ -251,7 +241,7 @@ def reference_logps(model, groups, args, pad_id, device, autocast):
     for mb in mbs:
         batch = make_batch(mb, args.layout, pad_id, args.max_tokens).to(device)
         with autocast:
-            logps = response_logps(model, batch, chunk_size=args.chunk_size)  # (B, K)
+            logps = response_logps(model, batch, chunk_size=args.chunk_size, attn_impl=args.attn_impl)  # (B, K)
         for g, row in zip(mb, logps.tolist()):
             mine[id(g)] = row[: len(g.response_ids)]
     values = [mine[id(groups[i])] for i in share]
@@ -276,9 +266,9 @@ def evaluate(model, groups, args, pad_id, device, autocast, generator):
     if args.fsdp:  # every rank must run as many forwards; the repeats are not counted
         mbs = fsdp.pad_to_max_count(mbs, mbs[-1] if mbs else groups[:1], device)
     for i, mb in enumerate(mbs):
-        batch = to_device(make_batch(mb, args.layout, pad_id, args.max_tokens), device)
+        batch = make_batch(mb, args.layout, pad_id, args.max_tokens).to(device)
         with autocast:
-            logps = response_logps(model, batch, chunk_size=args.chunk_size)
+            logps = response_logps(model, batch, chunk_size=args.chunk_size, attn_impl=args.attn_impl)
         if i >= real:
             continue
         counted = counted_groups(args.loss, batch.scores, batch.mask)
@@ -380,6 +370,8 @@ def train(args):
     random.seed(args.seed + rank)
     np.random.seed(args.seed + rank)
     generator = torch.Generator(device=device).manual_seed(args.seed + rank)  # Pair-Single's draws
+    if args.attn_impl == "flex" and device.type != "cuda":
+        fail("--attn_impl flex needs CUDA (torch has no flex_attention backward on CPU): use segments or sdpa")
     if args.batch_size % world:
         fail(f"--batch_size {args.batch_size} must be divisible by the number of processes ({world})")
 
@@ -506,7 +498,7 @@ def train(args):
             if args.fsdp:  # every rank must run as many forwards and backwards; the repeats weigh zero
                 mbs = fsdp.pad_to_max_count(mbs, mbs[-1], device)
             for i, batch in enumerate(mbs):
-                batch = to_device(batch, device)
+                batch = batch.to(device)
                 last = i == len(mbs) - 1
                 # DDP all-reduces (FSDP reduce-scatters) gradients in backward; only the last micro-step needs to
                 if args.fsdp:
@@ -514,7 +506,7 @@ def train(args):
                 sync = model.no_sync() if world > 1 and not last and not args.fsdp else nullcontext()
                 with sync:
                     with autocast:
-                        logps = response_logps(model, batch, chunk_size=args.chunk_size)  # (B, K) float32
+                        logps = response_logps(model, batch, chunk_size=args.chunk_size, attn_impl=args.attn_impl)  # (B, K) float32
                     counted = counted_groups(args.loss, batch.scores, batch.mask)
                     losses = group_losses(args, logps, batch, generator)
                     # DDP (and FSDP) average gradients over ranks; multiply by world to get a sum over the global batch
