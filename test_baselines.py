@@ -18,10 +18,7 @@ import torch
 
 import train
 from baselines import BASELINES, dpo, orpo, simpo
-from model import Llama, LlamaConfig
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-DEMO = os.path.join(HERE, "demo")
+from conftest import copy_demo_rows, save_demo_llama
 
 
 def softplus(x):
@@ -132,13 +129,8 @@ def test_pair_rule_and_no_preference(name):
 def tiny(tmp_path_factory):
     """A random tiny Llama with the demo's tokenizer and 32 of the demo's preference groups."""
     root = tmp_path_factory.mktemp("baselines")
-    with open(os.path.join(DEMO, "config.json")) as f:
-        config = json.load(f)
-    config.update(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16)
-    torch.manual_seed(0)
-    Llama(LlamaConfig.from_dict(config)).save_pretrained(root / "init", source_dir=DEMO)
-    with open(os.path.join(DEMO, "train.jsonl")) as f, open(root / "train.jsonl", "w") as g:
-        g.writelines(f.readlines()[:32])
+    save_demo_llama(root / "init")
+    copy_demo_rows("train.jsonl", 32, root / "train.jsonl")
     return root
 
 

@@ -18,10 +18,9 @@ import torch
 
 import eval as ev
 from data import ChatTokenizer, read_groups, tokenize_groups
-from model import Llama, LlamaConfig
+from conftest import DEMO, save_demo_llama
+from model import Llama
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-DEMO = os.path.join(HERE, "demo")
 
 
 def test_kendall_tau_b_hand_examples():
@@ -102,11 +101,7 @@ def test_bootstrap_contains_point_and_narrows():
 def tiny(tmp_path_factory):
     """A random tiny Llama with the demo's tokenizer (Llama 3 chat template)."""
     root = tmp_path_factory.mktemp("eval")
-    with open(os.path.join(DEMO, "config.json")) as f:
-        config = json.load(f)
-    config.update(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16)
-    torch.manual_seed(0)
-    Llama(LlamaConfig.from_dict(config)).save_pretrained(root / "model", source_dir=DEMO)
+    save_demo_llama(root / "model")
     return root
 
 

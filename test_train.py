@@ -18,10 +18,10 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from model import Llama, LlamaConfig
+from conftest import copy_demo_rows, save_demo_llama
+from model import Llama
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEMO = os.path.join(HERE, "demo")
 LOSS_NAMES = ["point_ce", "point_mse", "pair_single", "pair_mns", "pair_mnm", "pair_mcs", "pair_mcm", "list_mle"]
 
 
@@ -55,14 +55,9 @@ def setup(tmp_path_factory):
     """A tiny Llama with the demo's tokenizer, briefly fine-tuned on the demo's SFT rows (so its
     rewards p are far from 0, where p-based losses have gradients), and 128 preference groups."""
     root = tmp_path_factory.mktemp("train")
-    with open(os.path.join(DEMO, "config.json")) as f:
-        config = json.load(f)
-    config.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
-    torch.manual_seed(0)
-    Llama(LlamaConfig.from_dict(config)).save_pretrained(root / "init", source_dir=DEMO)
+    save_demo_llama(root / "init", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
     for name, n in (("sft.jsonl", 640), ("train.jsonl", 128)):
-        with open(os.path.join(DEMO, name)) as f, open(root / name, "w") as g:
-            g.writelines(f.readlines()[:n])
+        copy_demo_rows(name, n, root / name)
     sft = run("--model", root / "init", "--data", root / "sft.jsonl", "--loss", "sft", "--out", root / "sft", "--batch_size", 32,
               "--micro_batch_size", 32, "--lr", 3e-3, "--max_length", 64, "--max_prompt_length", 32, "--log_every", 100)
     return {"root": root, "model": sft, "data": root / "train.jsonl"}
