@@ -34,7 +34,9 @@ it to scaled_dot_product_attention as a dense (T, T) bool mask, which works with
 computes all T^2 scores of a row, most of them hidden; 'segments' (SegmentAttention) makes one
 SDPA call per prompt and per response, over only the keys it may see; 'flex' (FlexAttention)
 runs flex_attention with a block mask, the fast choice on CUDA. The last two are callables the
-model invokes in place of SDPA, so they need a model.py that accepts one.
+model invokes in place of SDPA, so they need a model.py that accepts one. 'auto' takes flex on
+CUDA and, on CPU, segments only where they skip enough work to pay for one call per segment
+(long groups: yes; the demo's 60-token groups: no, where sdpa trains 2.8x faster).
 
 response_logps never builds the (tokens, vocab) logits tensor, the largest memory cost of
 preference training (Llama 3 has a 128,256-word vocabulary): it takes the final hidden
@@ -329,17 +331,16 @@ class SegmentAttention:
     """
 
     def __init__(self, batch):
-        # runs of equal (doc, seg) along each row: (start, length, prompt start, prompt length);
-        # a prompt or padding run has no prompt of its own (None) and is plain causal
+        # each row as runs of equal (doc, seg): (length, index of its prompt's run); a prompt or a
+        # run of padding has no prompt of its own (None) and is plain causal
         self.runs = []
         for doc, seg in zip(batch.doc_ids.tolist(), batch.seg_ids.tolist()):
             runs, prompt_of, start = [], {}, 0
             for t in range(1, len(doc) + 1):
                 if t == len(doc) or (doc[t], seg[t]) != (doc[start], seg[start]):
                     if seg[start] == 0:
-                        prompt_of[doc[start]] = (start, t - start)
-                    prompt = prompt_of[doc[start]] if seg[start] > 0 else None
-                    runs.append((start, t - start) + (prompt or (None, None)))
+                        prompt_of[doc[start]] = len(runs)
+                    runs.append((t - start, prompt_of[doc[start]] if seg[start] > 0 else None))
                     start = t
             self.runs.append(runs)
         self.device = batch.input_ids.device
@@ -353,22 +354,21 @@ class SegmentAttention:
         return self.masks[P, L]
 
     def __call__(self, q, k, v):
+        # unbind/split rather than indexing: the backward of one indexing op writes a gradient the
+        # size of the whole input, so indexing run by run would cost (runs x batch) in backward
         rows = []
-        for r, runs in enumerate(self.runs):
+        for runs, qr, kr, vr in zip(self.runs, q.unbind(0), k.unbind(0), v.unbind(0)):  # (nh, T, hs) each
+            sizes = [n for n, _ in runs]
+            qs, ks, vs = qr.split(sizes, dim=1), kr.split(sizes, dim=1), vr.split(sizes, dim=1)  # (nh, n, hs) each
             parts = []
-            for start, n, p_start, P in runs:
-                span = slice(start, start + n)
-                qs = q[r : r + 1, :, span]  # (1, nh, n, hs)
-                if P is None:
-                    y = F.scaled_dot_product_attention(qs, k[r : r + 1, :, span], v[r : r + 1, :, span], is_causal=True)
-                else:
-                    prompt = slice(p_start, p_start + P)
-                    ks = torch.cat([k[r : r + 1, :, prompt], k[r : r + 1, :, span]], dim=2)  # (1, nh, P + n, hs)
-                    vs = torch.cat([v[r : r + 1, :, prompt], v[r : r + 1, :, span]], dim=2)
-                    y = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=self.response_mask(P, n))
-                parts.append(y)
-            rows.append(torch.cat(parts, dim=2))  # (1, nh, T, hs)
-        return torch.cat(rows, dim=0)  # (R, nh, T, hs)
+            for i, (n, p) in enumerate(runs):
+                if p is None:
+                    parts.append(F.scaled_dot_product_attention(qs[i], ks[i], vs[i], is_causal=True))
+                else:  # keys and values: the prompt's, then the response's own
+                    kk, vv = torch.cat([ks[p], ks[i]], dim=1), torch.cat([vs[p], vs[i]], dim=1)  # (nh, P + n, hs)
+                    parts.append(F.scaled_dot_product_attention(qs[i], kk, vv, attn_mask=self.response_mask(sizes[p], n)))
+            rows.append(torch.cat(parts, dim=1))  # (nh, T, hs)
+        return torch.stack(rows)  # (R, nh, T, hs)
 
 
 class FlexAttention:
@@ -401,28 +401,46 @@ class FlexAttention:
         return (FlexAttention.compiled if q.is_cuda else flex_attention)(q, k, v, block_mask=self.block_mask)
 
 
-def choose_attention(model, device, attn_impl="auto"):
-    """'sdpa' (dense mask), 'segments' or 'flex'; 'auto' picks flex on CUDA and segments elsewhere
-    when the model accepts a callable in place of the mask (its class says
-    `accepts_attention_fn = True`), else sdpa."""
+# On CPU, SegmentAttention's Python loop costs about 0.6 ms per segment and layer (forward and
+# backward, measured on the project's 2-core machine), whatever the segment's size; it pays off
+# only when the segments skip enough masked work. Break-even measured near 8e6 skipped
+# (query, key) pairs x (heads x head_dim) per segment; 'auto' asks for 1e7.
+SEGMENT_BREAK_EVEN = 1e7
+
+
+def choose_attention(model, batch, attn_impl="auto"):
+    """'causal', 'sdpa' (dense mask), 'segments' or 'flex' for this batch. 'auto': plain causal when
+    the batch needs no mask; else, when the model accepts a callable in place of the mask (its class
+    says `accepts_attention_fn = True`), flex on CUDA, and on CPU segments where they skip enough
+    masked work to pay for their per-segment calls (SEGMENT_BREAK_EVEN), else sdpa."""
     if attn_impl not in ("auto", "sdpa", "segments", "flex"):
         raise ValueError(f"attn_impl must be 'auto', 'sdpa', 'segments' or 'flex', got {attn_impl!r}")
-    accepts = getattr(unwrap(model), "accepts_attention_fn", False)
+    inner = unwrap(model)
+    accepts = getattr(inner, "accepts_attention_fn", False)
     if attn_impl in ("segments", "flex") and not accepts:
         raise ValueError(f"attn_impl={attn_impl!r} needs a model that accepts a callable attn_mask "
-                         f"(accepts_attention_fn = True); {type(unwrap(model)).__name__} does not: use 'sdpa'")
+                         f"(accepts_attention_fn = True); {type(inner).__name__} does not: use 'sdpa'")
+    if batch.attn_mask is None:
+        return "causal"
     if attn_impl != "auto":
         return attn_impl
     if not accepts:
         return "sdpa"
-    return "flex" if torch.device(device).type == "cuda" else "segments"
+    if batch.input_ids.device.type == "cuda":
+        return "flex"
+    width = inner.config.num_attention_heads * inner.config.head_dim
+    skipped = batch.attn_mask.numel() - int(batch.attn_mask.sum())  # (query, key) pairs the mask hides
+    doc, seg = batch.doc_ids, batch.seg_ids
+    boundaries = (doc[:, 1:] != doc[:, :-1]) | (seg[:, 1:] != seg[:, :-1])
+    segments = int(boundaries.sum()) + doc.shape[0]  # SDPA calls SegmentAttention would make
+    return "segments" if skipped * width >= SEGMENT_BREAK_EVEN * segments else "sdpa"
 
 
 def attention_for(model, batch, attn_impl="auto"):
     """What to pass as the model's attn_mask: None (plain causal), the dense bool mask, or a
     callable attention (SegmentAttention, FlexAttention) that the model calls in place of SDPA."""
-    impl = choose_attention(model, batch.input_ids.device, attn_impl)
-    if batch.attn_mask is None:
+    impl = choose_attention(model, batch, attn_impl)
+    if impl == "causal":
         return None
     if impl == "sdpa":
         return batch.attn_mask

@@ -18,6 +18,7 @@ from packing import (
     PackingError,
     SegmentAttention,
     attention_mask,
+    choose_attention,
     chunked_target_logprobs,
     packed_batch,
     padded_batch,
@@ -283,6 +284,37 @@ def test_flex_attention_matches_dense_mask_sdpa():
         warnings.simplefilter("ignore")  # "called without torch.compile": eager is fine for a check
         out = FlexAttention(batch)(q, k, v)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_attention_choice(monkeypatch):
+    """'auto' on CPU: causal where no mask is needed; segments exactly when the masked-out (query,
+    key) pairs x (heads x head_dim) reach SEGMENT_BREAK_EVEN per segment, counted by hand for one
+    group [prompt P | K responses of L] in one row; sdpa for a model that takes no callable."""
+    import packing
+
+    model = tiny_model()  # 4 heads x head_dim 8
+    width = 4 * 8
+    assert choose_attention(model, packed_batch([group([1, 2], [[3, 4]])])) == "causal"
+    P, K, L = 6, 3, 5
+    batch = packed_batch([group(list(range(1, P + 1)), [[7] * L] * K)])
+    T = P + K * L
+    allowed = P * (P + 1) // 2 + K * (L * P + L * (L + 1) // 2)  # prompt causal; each response: prompt + itself causal
+    per_segment = (T * T - allowed) * width / (1 + K)
+    assert sum(map(len, SegmentAttention(batch).runs)) == 1 + K
+    monkeypatch.setattr(packing, "SEGMENT_BREAK_EVEN", per_segment)
+    assert choose_attention(model, batch) == "segments"
+    monkeypatch.setattr(packing, "SEGMENT_BREAK_EVEN", per_segment * 1.001)
+    assert choose_attention(model, batch) == "sdpa"
+    assert choose_attention(model, batch, "segments") == "segments"  # an explicit choice stands
+
+    monkeypatch.undo()
+    short = packed_batch(random_groups(seed=4, num_groups=6))  # tokens in the tens: not worth a call per segment
+    long = packed_batch([group(list(range(1, 101)), [[7] * 1000] * 4)])
+    assert (choose_attention(model, short), choose_attention(model, long)) == ("sdpa", "segments")
+    monkeypatch.setattr(Llama, "accepts_attention_fn", False)
+    assert choose_attention(model, long) == "sdpa"
+    with pytest.raises(ValueError, match="accepts_attention_fn"):
+        choose_attention(model, long, "flex")
 
 
 def test_attention_mask_rule_against_loop():
