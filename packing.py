@@ -36,7 +36,7 @@ SDPA call per prompt and per response, over only the keys it may see; 'flex' (Fl
 runs flex_attention with a block mask, the fast choice on CUDA. The last two are callables the
 model invokes in place of SDPA, so they need a model.py that accepts one. 'auto' takes flex on
 CUDA and, on CPU, segments only where they skip enough work to pay for one call per segment
-(long groups: yes; the demo's 60-token groups: no, where sdpa trains 2.8x faster).
+(long groups: yes; the demo's 60-token groups: no, where sdpa trains 1.7x faster).
 
 response_logps never builds the (tokens, vocab) logits tensor, the largest memory cost of
 preference training (Llama 3 has a 128,256-word vocabulary): it takes the final hidden
@@ -354,21 +354,23 @@ class SegmentAttention:
         return self.masks[P, L]
 
     def __call__(self, q, k, v):
-        # unbind/split rather than indexing: the backward of one indexing op writes a gradient the
-        # size of the whole input, so indexing run by run would cost (runs x batch) in backward
+        # split rather than index: the backward of one indexing op writes a gradient the size of
+        # the whole input, so indexing run by run would cost (runs x batch) in backward. Pieces
+        # stay 4-D (1, nh, n, hs): SDPA's fused CPU kernel takes only 4-D inputs (3-D ones fall
+        # back to the math path, which keeps every score matrix for backward)
         rows = []
-        for runs, qr, kr, vr in zip(self.runs, q.unbind(0), k.unbind(0), v.unbind(0)):  # (nh, T, hs) each
+        for runs, qr, kr, vr in zip(self.runs, q.split(1), k.split(1), v.split(1)):  # (1, nh, T, hs) each
             sizes = [n for n, _ in runs]
-            qs, ks, vs = qr.split(sizes, dim=1), kr.split(sizes, dim=1), vr.split(sizes, dim=1)  # (nh, n, hs) each
+            qs, ks, vs = qr.split(sizes, dim=2), kr.split(sizes, dim=2), vr.split(sizes, dim=2)  # (1, nh, n, hs) each
             parts = []
             for i, (n, p) in enumerate(runs):
                 if p is None:
                     parts.append(F.scaled_dot_product_attention(qs[i], ks[i], vs[i], is_causal=True))
                 else:  # keys and values: the prompt's, then the response's own
-                    kk, vv = torch.cat([ks[p], ks[i]], dim=1), torch.cat([vs[p], vs[i]], dim=1)  # (nh, P + n, hs)
+                    kk, vv = torch.cat([ks[p], ks[i]], dim=2), torch.cat([vs[p], vs[i]], dim=2)  # (1, nh, P + n, hs)
                     parts.append(F.scaled_dot_product_attention(qs[i], kk, vv, attn_mask=self.response_mask(sizes[p], n)))
-            rows.append(torch.cat(parts, dim=1))  # (nh, T, hs)
-        return torch.stack(rows)  # (R, nh, T, hs)
+            rows.append(torch.cat(parts, dim=2))  # (1, nh, T, hs)
+        return torch.cat(rows)  # (R, nh, T, hs)
 
 
 class FlexAttention:
@@ -401,11 +403,11 @@ class FlexAttention:
         return (FlexAttention.compiled if q.is_cuda else flex_attention)(q, k, v, block_mask=self.block_mask)
 
 
-# On CPU, SegmentAttention's Python loop costs about 0.6 ms per segment and layer (forward and
+# On CPU, SegmentAttention's Python loop costs about 0.2 ms per segment and layer (forward and
 # backward, measured on the project's 2-core machine), whatever the segment's size; it pays off
-# only when the segments skip enough masked work. Break-even measured near 8e6 skipped
-# (query, key) pairs x (heads x head_dim) per segment; 'auto' asks for 1e7.
-SEGMENT_BREAK_EVEN = 1e7
+# only when the segments skip enough masked work. Measured break-even: between 2e6 and 8e6
+# skipped (query, key) pairs x (heads x head_dim) per segment; 'auto' asks for 5e6.
+SEGMENT_BREAK_EVEN = 5e6
 
 
 def choose_attention(model, batch, attn_impl="auto"):
