@@ -33,10 +33,12 @@ The model computes that mask one of three ways (attn_impl, see choose_attention)
 it to scaled_dot_product_attention as a dense (T, T) bool mask, which works with any model but
 computes all T^2 scores of a row, most of them hidden; 'segments' (SegmentAttention) makes one
 SDPA call per prompt and per response, over only the keys it may see; 'flex' (FlexAttention)
-runs flex_attention with a block mask, the fast choice on CUDA. The last two are callables the
-model invokes in place of SDPA, so they need a model.py that accepts one. 'auto' takes flex on
-CUDA and, on CPU, segments only where they skip enough work to pay for one call per segment
-(long groups: yes; the demo's 60-token groups: no, where sdpa trains 1.7x faster).
+runs flex_attention with a block mask (CUDA only: torch has no flex backward on CPU). The
+last two are callables the model invokes in place of SDPA, so they need a model.py that accepts
+one. 'auto' takes segments only where they skip enough work to pay for one call per segment
+(long groups: yes; the demo's 60-token groups: no, where sdpa trains 1.7x faster); that
+break-even was measured on CPU. On CUDA 'auto' stays with sdpa: none of the three has been
+timed on a GPU for this project yet, and sdpa is the path every GPU stack runs well.
 
 response_logps never builds the (tokens, vocab) logits tensor, the largest memory cost of
 preference training (Llama 3 has a 128,256-word vocabulary): it takes the final hidden
@@ -413,8 +415,8 @@ SEGMENT_BREAK_EVEN = 5e6
 def choose_attention(model, batch, attn_impl="auto"):
     """'causal', 'sdpa' (dense mask), 'segments' or 'flex' for this batch. 'auto': plain causal when
     the batch needs no mask; else, when the model accepts a callable in place of the mask (its class
-    says `accepts_attention_fn = True`), flex on CUDA, and on CPU segments where they skip enough
-    masked work to pay for their per-segment calls (SEGMENT_BREAK_EVEN), else sdpa."""
+    says `accepts_attention_fn = True`), on CPU segments where they skip enough masked work to pay
+    for their per-segment calls (SEGMENT_BREAK_EVEN), else sdpa; sdpa on CUDA (not yet timed there)."""
     if attn_impl not in ("auto", "sdpa", "segments", "flex"):
         raise ValueError(f"attn_impl must be 'auto', 'sdpa', 'segments' or 'flex', got {attn_impl!r}")
     inner = unwrap(model)
@@ -428,8 +430,8 @@ def choose_attention(model, batch, attn_impl="auto"):
         return attn_impl
     if not accepts:
         return "sdpa"
-    if batch.input_ids.device.type == "cuda":
-        return "flex"
+    if batch.input_ids.device.type != "cpu":  # the break-even below is a CPU measurement
+        return "sdpa"
     width = inner.config.num_attention_heads * inner.config.head_dim
     skipped = batch.attn_mask.numel() - int(batch.attn_mask.sum())  # (query, key) pairs the mask hides
     doc, seg = batch.doc_ids, batch.seg_ids

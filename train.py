@@ -92,7 +92,7 @@ def parse_args(argv=None):
     a("--chunk_size", type=int, default=1024, help="positions per chunk of the language-model head in the loss")
     a("--attn_impl", default="auto", choices=["auto", "sdpa", "segments", "flex"],
       help="attention of packed rows: sdpa with a dense mask; segments: SDPA per prompt/response span; "
-           "flex: flex_attention with a block mask (CUDA); auto: flex on CUDA, on CPU segments for long groups and sdpa for short ones (packing.choose_attention)")
+           "flex: flex_attention with a block mask (CUDA only); auto: on CPU segments for long groups and sdpa for short ones, sdpa on CUDA (packing.choose_attention)")
     a("--seed", type=int, default=0, help="seed of the data order, Pair-Single's draws and everything else random")
     a("--log_every", type=int, default=10, help="log training metrics every this many steps")
     a("--eval_every", type=int, default=0, help="evaluate on --eval_data every this many steps (0: only at the end)")
