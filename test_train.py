@@ -137,6 +137,17 @@ def test_save_total_limit_keeps_newest(setup, tmp_path):
     assert sorted(os.listdir(tmp_path / "s")) == ["checkpoint-2", "checkpoint-3", "final", "metrics.jsonl"]
 
 
+def test_adam_betas_reach_the_optimizer(setup, tmp_path):
+    """--adam_betas is what AdamW runs with (read back from the checkpoint's optimizer state), and
+    it matters: the weights after two steps differ from those of the default betas."""
+    run(*common(setup, tmp_path / "a", **{"--loss": "pair_mnm", "--max_steps": 2}))
+    run(*common(setup, tmp_path / "b", **{"--loss": "pair_mnm", "--max_steps": 2, "--save_every": 1}), "--adam_betas", 0.5, 0.9)
+    state = torch.load(tmp_path / "b" / "checkpoint-1" / "trainer_state.pt", weights_only=False)
+    assert {tuple(g["betas"]) for g in state["optimizer"]["param_groups"]} == {(0.5, 0.9)}
+    a, b = weights(tmp_path / "a" / "final"), weights(tmp_path / "b" / "final")
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
 def test_gradient_checkpointing_same_result(setup, tmp_path):
     """Recomputing activations in backward changes memory, not the optimisation: same weights."""
     run(*common(setup, tmp_path / "a", **{"--loss": "pair_mcm", "--max_steps": 3}))
@@ -146,10 +157,10 @@ def test_gradient_checkpointing_same_result(setup, tmp_path):
         torch.testing.assert_close(b[k], a[k], rtol=1e-6, atol=1e-7, msg=k)
 
 
-@pytest.mark.parametrize("flag", [("--layout", "padded"), ("--attn_impl", "sdpa")])
+@pytest.mark.parametrize("flag", [("--layout", "padded"), ("--attn_impl", "segments")])
 def test_other_layouts_same_result(setup, tmp_path, flag):
-    """The naive padded layout (--layout padded) and the packed layout with a dense-mask SDPA train
-    like the default (packed rows, attention per segment on CPU)."""
+    """The naive padded layout (--layout padded) and packed rows with attention per segment train
+    like the default (packed rows; for these short groups 'auto' means a dense-mask SDPA)."""
     run(*common(setup, tmp_path / "a", **{"--loss": "pair_mnm", "--max_steps": 3}))
     run(*common(setup, tmp_path / "b", **{"--loss": "pair_mnm", "--max_steps": 3, flag[0]: flag[1]}))
     a, b = weights(tmp_path / "a" / "final"), weights(tmp_path / "b" / "final")
@@ -171,7 +182,7 @@ def test_checkpoint_loads_in_transformers(setup, tmp_path):
 
 @pytest.mark.parametrize(
     "case",
-    ["unknown_loss", "missing_model", "missing_data", "nothing_usable", "batch_too_big", "bad_json", "flex_on_cpu"],
+    ["unknown_loss", "missing_model", "missing_data", "nothing_usable", "batch_too_big", "bad_json", "flex_on_cpu", "bad_betas"],
 )
 def test_bad_invocations_fail_in_one_line(setup, tmp_path, case):
     """Bad input ends with exit code != 0 and one line 'error: ...' that names the problem; no traceback."""
@@ -191,6 +202,7 @@ def test_bad_invocations_fail_in_one_line(setup, tmp_path, case):
         "batch_too_big": (["--batch_size", 1024], "1024"),
         "bad_json": ([], "bad.jsonl:2"),
         "flex_on_cpu": (["--attn_impl", "flex"], "--attn_impl flex needs CUDA"),
+        "bad_betas": (["--adam_betas", 0.9, 1.5], "--adam_betas 0.9 1.5"),
     }[case]
     r = run_cli(*argv, *expect[0])
     assert r.returncode != 0

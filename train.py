@@ -80,6 +80,8 @@ def parse_args(argv=None):
     a("--lr", type=float, default=5e-7, help="peak learning rate")
     a("--warmup_ratio", type=float, default=0.1, help="share of the steps spent in linear warmup before the cosine decay")
     a("--weight_decay", type=float, default=0.0, help="AdamW weight decay (matrices only; norms are never decayed)")
+    a("--adam_betas", type=float, nargs=2, default=[0.9, 0.95], metavar=("BETA1", "BETA2"),
+      help="AdamW's betas (0.9 0.95 as nanoGPT; TRL / SimPO's recipes use PyTorch's 0.9 0.999)")
     a("--grad_clip", type=float, default=1.0, help="clip the global gradient norm to this; 0 disables")
     a("--max_length", type=int, default=2048, help="longest prompt + response in tokens; responses are cut to fit")
     a("--max_prompt_length", type=int, default=1800, help="longest prompt in tokens; longer prompts keep their end")
@@ -358,6 +360,8 @@ def train(args):
             fail(f"--{flag} {path}: no such file")
     if args.batch_size < 1 or args.micro_batch_size < 1:
         fail("--batch_size and --micro_batch_size must be positive")
+    if not all(0 <= b < 1 for b in args.adam_betas):
+        fail(f"--adam_betas {args.adam_betas[0]:g} {args.adam_betas[1]:g}: each must be in [0, 1)")
 
     rank, world, device = setup_distributed(args.device)
     master = rank == 0
@@ -436,7 +440,7 @@ def train(args):
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    optimizer = torch.optim.AdamW(groups_, lr=args.lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(groups_, lr=args.lr, betas=tuple(args.adam_betas), eps=1e-8, fused=device.type == "cuda")
 
     def lr_lambda(step):  # linear warmup, then cosine decay to 0
         if step < warmup_steps:
