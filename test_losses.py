@@ -1,22 +1,26 @@
 """
 Tests of the eight MPPO losses in mppo.py.
 
-Each loss is checked against (1) a small example computed by hand, with the derivation in
-the test's docstring, (2) a plain Python loop written independently below, on random ragged
-batches with ties, and (3) the properties the conventions promise: padding and permutation
-invariance, the K = 2 identities, finite values and gradients at the extremes, gradcheck.
+Each loss is checked against (1) small examples computed by hand, with the derivation in
+the test's docstring, for distinct scores and for ties at the top, in the middle and at the
+bottom, (2) a plain Python loop written independently below, on random ragged batches with
+ties, and (3) the properties the conventions promise: padding and permutation invariance (ties
+included, gradients too), the K = 2 identities, finite values and gradients at the extremes,
+gradcheck, and that each loss runs when copied with only the helpers its docstring names.
 
     python -m pytest test_losses.py -q
 """
 
+import inspect
 import math
 import random
+import re
 
 import pytest
 import torch
 
 import mppo
-from mppo import LOSSES, has_preference
+from mppo import LOSSES, best_mask, has_preference, pair_mask
 
 
 def softplus_neg(x):
@@ -69,8 +73,8 @@ def test_pair_single_hand():
 
 def test_pair_mns_hand():
     """p = [1/2, 1/4, 3/4, 1/2], scores = [3, 1, 2, 3].
-    chosen: index 0 (scores 3 tie with index 3; the first wins). Negatives: strictly lower
-    scores, indices 1 and 2 (index 3 ties with the chosen and is no negative).
+    chosen: indices 0 and 3 (tied at 3, both p = 1/2, so the mean over them is either one's
+    loss). Negatives: strictly lower scores, indices 1 and 2 (the tied best is no negative).
     loss = -log s(1/2 - 1/4) - log s(1/2 - 3/4) = log(1 + e^(-1/4)) + log(1 + e^(1/4))
     """
     loss = mppo.pair_mns(logs([[0.5, 0.25, 0.75, 0.5]]), t([[3.0, 1.0, 2.0, 3.0]]))
@@ -78,7 +82,8 @@ def test_pair_mns_hand():
 
 
 def test_pair_mnm_hand():
-    """Same group as Pair-MNS: N = 2, margin = 2 * 1/2 - (1/4 + 3/4) = 0, loss = -log s(0) = log 2."""
+    """Same group as Pair-MNS: N = 2, margin = 2 * 1/2 - (1/4 + 3/4) = 0 for either tied-best
+    chosen, loss = -log s(0) = log 2 (a margin of 0 hides N: see test_pair_mnm_hand_margins)."""
     loss = mppo.pair_mnm(logs([[0.5, 0.25, 0.75, 0.5]]), t([[3.0, 1.0, 2.0, 3.0]]))
     torch.testing.assert_close(loss, t([math.log(2)]), rtol=1e-6, atol=0)
 
@@ -119,8 +124,8 @@ def test_list_mle_hand_ranked():
 
 
 def test_pair_single_draws_each_negative_uniformly():
-    """The chosen (score 3) must be paired with index 1 or 3 (scores 1 and 2), never with
-    index 2 (it ties the chosen) nor with the padding slot. Over 4000 copies of the group
+    """The chosen (indices 0 and 2, tied at score 3 with equal p) must be paired with index 1
+    or 3 (scores 1 and 2), never with each other nor with the padding slot. Over 4000 copies of the group
     both negatives are drawn, each about half the time, and the loss matches the drawn one."""
     p = [0.5, 0.25, 0.5, 0.75, 0.1]
     n = 4000
@@ -195,30 +200,43 @@ def ls(x):
 
 
 def naive_loss(name, ps, ss):
-    """Loss of one group, from Python lists of present rewards p and scores (no padding)."""
+    """Loss of one group, from Python lists of present rewards p and scores (no padding).
+    Ties: every response with the top score is a chosen (the pair losses average over them);
+    negatives score strictly lower; List-MLE scores each block of equal scores with Breslow's rule."""
     n = len(ps)
     if name == "point_ce":
         return sum(-(s * math.log(p) + (1 - s) * math.log(1 - p)) for p, s in zip(ps, ss)) / n
     if name == "point_mse":
         return sum((s - p) ** 2 for p, s in zip(ps, ss)) / n
-    w = max(range(n), key=lambda i: (ss[i], -i))  # highest score, first index on ties
-    negs = [i for i in range(n) if ss[i] < ss[w]]
+    chosen = [i for i in range(n) if ss[i] == max(ss)]
+    negs = [i for i in range(n) if ss[i] < max(ss)]
     pairs = [(i, j) for i in range(n) for j in range(n) if ss[i] > ss[j]]
     if not pairs:
         return 0.0
     if name == "pair_mns":
-        return sum(ls(ps[w] - ps[i]) for i in negs)
+        return sum(sum(ls(ps[w] - ps[i]) for i in negs) for w in chosen) / len(chosen)
     if name == "pair_mnm":
-        return ls(len(negs) * ps[w] - sum(ps[i] for i in negs))
+        return sum(ls(len(negs) * ps[w] - sum(ps[i] for i in negs)) for w in chosen) / len(chosen)
     if name == "pair_mcs":
         return sum(ls(ps[i] - ps[j]) for i, j in pairs)
     if name == "pair_mcm":
         return ls(sum(ps[i] - ps[j] for i, j in pairs))
     if name == "list_mle":
-        order = sorted(range(n), key=lambda i: -ss[i])  # Python's sort is stable
-        q = [ps[i] for i in order]
-        return -sum(q[i] - math.log(sum(math.exp(x) for x in q[i:])) for i in range(n))
+        total = 0.0
+        for level in sorted(set(ss), reverse=True):  # blocks of equal score, best first
+            block = [i for i in range(n) if ss[i] == level]
+            at_or_after = [k for k in range(n) if ss[k] <= level]
+            total += sum(ps[j] for j in block) - len(block) * math.log(sum(math.exp(ps[k]) for k in at_or_after))
+        return -total
     raise KeyError(name)
+
+
+def naive_pair_single_draws(ps, ss):
+    """Every value Pair-Single may take on one group: for each strictly worse l, the mean over
+    the tied-best w of -log s(p_w - p_l); [0.0] for a group without a preference."""
+    chosen = [i for i in range(len(ps)) if ss[i] == max(ss)]
+    negs = [i for i in range(len(ps)) if ss[i] < max(ss)]
+    return [sum(ls(ps[w] - ps[l]) for w in chosen) / len(chosen) for l in negs] or [0.0]
 
 
 def random_ragged_batch(seed, B=40, max_k=8, unit_scores=False):
@@ -255,12 +273,12 @@ def test_vectorised_matches_naive_loop(name, seed):
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_pair_single_matches_naive_choices(seed):
-    """Pair-Single's loss is -log s(p_w - p_l) for the chosen w and one of its negatives l."""
+    """Pair-Single's loss is the mean over the tied-best w of -log s(p_w - p_l), for one of the
+    strictly worse l (naive_pair_single_draws lists them), on random ragged batches with ties."""
     groups, logps, scores, mask = random_ragged_batch(seed)
     loss = mppo.pair_single(logps, scores, mask, generator=torch.Generator().manual_seed(seed))
     for b, (ps, ss) in enumerate(groups):
-        w = max(range(len(ps)), key=lambda i: (ss[i], -i))
-        allowed = [ls(ps[w] - ps[i]) for i in range(len(ps)) if ss[i] < ss[w]] or [0.0]
+        allowed = naive_pair_single_draws(ps, ss)
         assert min(abs(loss[b].item() - a) for a in allowed) < 1e-12
 
 
