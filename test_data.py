@@ -10,9 +10,11 @@ be written down by hand; the "trained" one is a byte-level BPE with merges (such
 check that no merge crosses the line between prompt and response.
 """
 
+import gzip
 import json
 import os
 import re
+import sys
 
 import pytest
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -262,10 +264,11 @@ def test_stop_ids_pad_and_special_tokens_map(tmp_path):
     assert tok.decode(tok.encode_response("ok"), skip_special_tokens=False) == "ok<|eot_id|>"
 
 
-def test_template_detection(tmp_path):
+def test_template_detection(tmp_path, monkeypatch):
     """Template choice from the text: a list of named templates, chat_template.jinja with escaped "\\n" in its
-    default system message, no template ('none'), an explicit override, and clear errors for Llama 3.1 and
-    unknown templates and for a template whose tokens the tokenizer lacks."""
+    default system message, no template ('none'), an explicit override, Llama 3.1-3.3 by its 'Cutting Knowledge
+    Date', any other template rendered through jinja2 ('jinja') or, without jinja2, an error naming the pip package
+    and --template; clear errors for a template whose tokens the tokenizer lacks."""
     named = [{"name": "tool_use", "template": "{{ tools }}"}, {"name": "default", "template": LLAMA3_TEMPLATE}]
     assert ChatTokenizer.from_pretrained(llama3_dir(tmp_path / "a", template=named)).template == "llama3"
     jinja = CHATML_TEMPLATE.replace("\n", "\\n").replace("helpful assistant.", "helpful\\tassistant.")
@@ -273,10 +276,13 @@ def test_template_detection(tmp_path):
     assert tok.template == "chatml" and tok.default_system == "You are a helpful\tassistant."
     assert ChatTokenizer.from_pretrained(llama3_dir(tmp_path / "c", template=None)).template == "none"
     assert ChatTokenizer.from_pretrained(str(tmp_path / "c"), template="llama3").encode_prompt("x")[0] == BOT
-    with pytest.raises(ValueError, match="Llama 3.1-style"):
-        ChatTokenizer.from_pretrained(llama3_dir(tmp_path / "d", template="Cutting Knowledge Date: <|start_header_id|>"))
-    with pytest.raises(ValueError, match="unrecognised chat template"):
-        ChatTokenizer.from_pretrained(llama3_dir(tmp_path / "e", template="{{ messages }}"))
+    assert ChatTokenizer.from_pretrained(llama3_dir(tmp_path / "d", template="Cutting Knowledge Date: <|start_header_id|>")).template == "llama3.1"
+    pytest.importorskip("jinja2")
+    assert ChatTokenizer.from_pretrained(llama3_dir(tmp_path / "e", template="{{ messages }}")).template == "jinja"
+    monkeypatch.setitem(sys.modules, "jinja2", None)  # as if jinja2 were not installed: importing it fails
+    with pytest.raises(data.CheckpointError, match=r"needs jinja2 \(pip install jinja2\); or pass --template"):
+        ChatTokenizer.from_pretrained(str(tmp_path / "e"))
+    assert ChatTokenizer.from_pretrained(str(tmp_path / "e"), template="llama3").template == "llama3"
     with pytest.raises(ValueError, match="needs the token <|im_start|>"):
         ChatTokenizer.from_pretrained(str(tmp_path / "c"), template="chatml")
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
@@ -361,13 +367,17 @@ def test_bad_row_errors_name_file_line_and_field(tmp_path, row, fmt, message):
 
 
 def test_json_list_errors_name_the_element(tmp_path):
-    """A .json list names the element index; a .json file that is not a list, or holds broken JSON, says so."""
+    """A .json list names the element index; a .json file that holds one object, or broken JSON, says so; a missing
+    file is a DataError that is also a FileNotFoundError (as it was before data_files)."""
     path = tmp_path / "x.json"
     path.write_text(json.dumps([GOOD, {**GOOD, "prompt": 3}]))
     with pytest.raises(DataError, match=re.escape(f"{path}: element 1: field 'prompt': expected a string")):
         read_groups(str(path))
-    path.write_text(json.dumps({"rows": [GOOD]}))
-    with pytest.raises(DataError, match="expected a JSON list of rows, got object"):
+    path.write_text(json.dumps({"rows": [GOOD]}, indent=1))  # one pretty-printed object: neither a list nor JSON Lines
+    with pytest.raises(DataError, match=re.escape(f"{path}: expected a JSON list of rows or JSON Lines, got one JSON object (fields 'rows')")):
+        read_groups(str(path))
+    path.write_text(json.dumps({"rows": [GOOD]}))  # on one line it is one JSON Lines row, of no known format
+    with pytest.raises(DataError, match=re.escape(f"{path}:1: cannot tell the format from the fields ['rows']")):
         read_groups(str(path))
     path.write_text('[\n{"prompt": "p",\n')
     with pytest.raises(DataError, match=re.escape(f"{path}:3: invalid JSON")):
