@@ -11,33 +11,36 @@ Each is a pure function with the interface of mppo.py: it takes
 and returns one loss per group, shape (B,). The caller averages over the groups that carry a
 preference (mppo.has_preference); a group without one gets loss 0 with zero gradient.
 
-All three are pair-wise losses. A group of K > 2 responses is reduced to one pair:
-chosen = the highest-scored response (the first on ties), rejected = the lowest-scored one
-(the first on ties). This is how SimPO builds its on-policy UltraFeedback pairs (the best and
-the worst of five generations by reward-model score), whose setup the MPPO paper follows;
+All three are pair-wise losses. A group of K > 2 responses is reduced to its best-against-worst
+pairs: chosen = a response with the highest score, rejected = a response with the lowest.
+This is how SimPO builds its on-policy UltraFeedback pairs (the best and the worst of five
+generations by reward-model score), whose setup the MPPO paper follows;
 HuggingFaceH4/ultrafeedback_binarized instead draws the rejected at random from the rest.
 Pair-MNM (mppo.pair_mnm) differs exactly here: it uses every worse response, not one.
 
-Depends on torch and mppo._prepare only.
+Ties follow mppo.py's rule, that equal scores never express a preference: when several
+responses tie for the highest score, or for the lowest, the loss is the mean over every
+(tied-best, tied-worst) pair, so it does not depend on the order of the responses. With a
+unique best and a unique worst this is the single pair. (For ORPO the mean of its SFT term
+over those pairs is the mean NLL of the tied-best responses.)
+
+Depends on torch and on mppo's _prepare, best_mask and has_preference.
 """
 
 import torch
 import torch.nn.functional as F
 
-from mppo import _prepare
+from mppo import _prepare, best_mask, has_preference
 
 
-def best_and_worst(scores, mask):
-    """(B,) index of the highest- and of the lowest-scored present response (first on ties), and
-    (B,) bool: the two differ in score, i.e. the group has a preference pair."""
-    best = scores.masked_fill(~mask, float("-inf")).argmax(dim=1)  # argmax/argmin return the first extremum
-    worst = scores.masked_fill(~mask, float("inf")).argmin(dim=1)
-    has_pair = scores.gather(1, best[:, None]) > scores.gather(1, worst[:, None])  # (B, 1)
-    return best, worst, has_pair.squeeze(1)
-
-
-def _pick(values, index):
-    return values.gather(1, index[:, None]).squeeze(1)  # (B,)
+def best_worst_mean(pair_loss, scores, mask):
+    """Mean of pair_loss (B, K, K), [b, w, l] the loss of w chosen over l rejected, over the pairs
+    of a tied-best w and a tied-worst l of each group; 0 for a group without a preference."""
+    best = best_mask(scores, mask)
+    worst = best_mask(-scores, mask)  # the lowest score is the top of the negated scores
+    pairs = best[:, :, None] & worst[:, None, :]  # (B, K, K)
+    loss = torch.where(pairs, pair_loss, 0.0).sum(dim=(1, 2)) / pairs.sum(dim=(1, 2)).clamp(min=1)
+    return torch.where(has_preference(scores, mask), loss, 0.0)
 
 
 def simpo(logps, scores, mask=None, beta=2.0, gamma_beta_ratio=0.5):
@@ -52,10 +55,9 @@ def simpo(logps, scores, mask=None, beta=2.0, gamma_beta_ratio=0.5):
     same pair on p = exp(logps) instead of logps, with no beta and no margin.
     """
     p, logps, scores, mask = _prepare(logps, scores, mask)
-    best, worst, has_pair = best_and_worst(scores, mask)
     gamma = gamma_beta_ratio * beta
-    loss = -F.logsigmoid(beta * (_pick(logps, best) - _pick(logps, worst)) - gamma)
-    return torch.where(has_pair, loss, 0.0)
+    pair_loss = -F.logsigmoid(beta * (logps[:, :, None] - logps[:, None, :]) - gamma)  # (B, K, K)
+    return best_worst_mean(pair_loss, scores, mask)
 
 
 def orpo(logps, scores, mask=None, lam=0.1):
@@ -70,12 +72,11 @@ def orpo(logps, scores, mask=None, lam=0.1):
     lam 0.1 is the paper's value.
     """
     p, logps, scores, mask = _prepare(logps, scores, mask)
-    best, worst, has_pair = best_and_worst(scores, mask)
     tiny = torch.finfo(logps.dtype).eps
     log_odds = logps - torch.log(-torch.expm1(logps.clamp(max=-tiny)))  # (B, K)
-    ratio = -F.logsigmoid(_pick(log_odds, best) - _pick(log_odds, worst))
-    loss = -_pick(logps, best) + lam * ratio
-    return torch.where(has_pair, loss, 0.0)
+    ratio = -F.logsigmoid(log_odds[:, :, None] - log_odds[:, None, :])  # (B, K, K)
+    pair_loss = -logps[:, :, None] + lam * ratio
+    return best_worst_mean(pair_loss, scores, mask)
 
 
 def dpo(logps, scores, mask=None, *, ref_logps, lengths, beta=0.1):
@@ -91,11 +92,11 @@ def dpo(logps, scores, mask=None, *, ref_logps, lengths, beta=0.1):
     log pi(y|x) - log pi_ref(y|x) = lengths * (logps - ref_logps). beta 0.1 is the paper's value.
     """
     p, logps, scores, mask = _prepare(logps, scores, mask)
-    ref_logps = torch.where(mask, ref_logps.to(logps), 0.0)
-    best, worst, has_pair = best_and_worst(scores, mask)
-    reward = beta * lengths.to(logps) * (logps - ref_logps)  # (B, K)
-    loss = -F.logsigmoid(_pick(reward, best) - _pick(reward, worst))
-    return torch.where(has_pair, loss, 0.0)
+    ref_logps = torch.where(mask, ref_logps.to(logps), 0.0)  # padding may hold NaN
+    lengths = torch.where(mask, lengths.to(logps), 0.0)
+    reward = beta * lengths * (logps - ref_logps)  # (B, K)
+    pair_loss = -F.logsigmoid(reward[:, :, None] - reward[:, None, :])  # (B, K, K)
+    return best_worst_mean(pair_loss, scores, mask)
 
 
 BASELINES = {"simpo": simpo, "orpo": orpo, "dpo": dpo}
