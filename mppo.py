@@ -37,6 +37,9 @@ never express a preference, so no loss depends on the order of the responses in 
   - List-MLE ranks by score ("all four responses were sorted by their scores", section
     4.1.2), with p as the Plackett-Luce utility. Eq. 13 assumes a strict order; tied
     responses form one block, scored with Breslow's rule for tied events (see list_mle).
+  - Pair-Single pairs the chosen with one strictly worse response drawn uniformly at
+    random, from an optional torch.Generator so runs are reproducible; one draw per group,
+    shared by all the tied-best;
   - a group with no strict preference (every present score equal, or a single response)
     gets loss 0 with zero gradient from the pair-wise and list-wise losses;
     has_preference() lets a trainer count and drop such groups.

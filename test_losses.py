@@ -222,7 +222,12 @@ def test_tie_in_middle_hand():
 
 @pytest.mark.parametrize(
     "scores, expected",
-    [([1.0, 3.0, 2.0], math.log(6)), ([2.0, 2.0, 1.0], math.log(9)), ([2.0, 1.0, 1.0], math.log(12)), ([3.0, 2.0, 1.0, 2.0], math.log(36))],
+    [
+        ([1.0, 3.0, 2.0], math.log(6)),
+        ([2.0, 2.0, 1.0], math.log(9)),
+        ([2.0, 1.0, 1.0], math.log(12)),
+        ([3.0, 2.0, 1.0, 2.0], math.log(36)),
+    ],
 )
 def test_list_mle_hand_equal_rewards_with_ties(scores, expected):
     """Equal p for every response: a block of m tied responses with n responses at or after it
@@ -524,7 +529,8 @@ def test_pair_single_permutation_invariance_one_negative():
     x = logps.clone().requires_grad_()
     y = _permute_rows(logps, perm).requires_grad_()
     loss_x = mppo.pair_single(x, scores, mask, generator=torch.Generator().manual_seed(0))
-    loss_y = mppo.pair_single(y, _permute_rows(scores, perm), _permute_rows(mask, perm), generator=torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(1)
+    loss_y = mppo.pair_single(y, _permute_rows(scores, perm), _permute_rows(mask, perm), generator=g)
     torch.testing.assert_close(loss_y, loss_x, rtol=1e-12, atol=0)
     loss_x.sum().backward()
     loss_y.sum().backward()
