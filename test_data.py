@@ -619,3 +619,409 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys):
             data.main(args)
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1
+
+
+# -----------------------------------------------------------------------------
+# Llama 3.1-3.3 templates and any other template (jinja2), against apply_chat_template
+
+TESTDATA = os.path.join(HERE, "testdata")
+
+
+def read_testdata(name):
+    with open(os.path.join(TESTDATA, name), encoding="utf-8") as f:
+        return f.read()
+
+
+LLAMA32_TEMPLATE = read_testdata("llama-3.2-instruct.chat_template.jinja")
+LLAMA31_TEMPLATE = read_testdata("llama-3.1-instruct.chat_template.jinja")
+# zephyr-7b-beta's template (the alignment-handbook's), and Mistral-7B-Instruct's, as their tokenizer_config.json hold them
+ZEPHYR_TEMPLATE = (
+    "{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ '<|user|>\n' + message['content'] + eos_token }}\n"
+    "{% elif message['role'] == 'system' %}\n{{ '<|system|>\n' + message['content'] + eos_token }}\n"
+    "{% elif message['role'] == 'assistant' %}\n{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n{% endif %}\n"
+    "{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}"
+)
+MISTRAL_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}"
+    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
+)
+MISTRAL_SPECIALS = ["<s>", "</s>", "<unk>"]
+LLAMA31_PROMPTS = [
+    "What is the capital of France?",
+    [{"role": "system", "content": "  You are terse.\n"}, {"role": "user", "content": " Hi there "}],
+    CONVERSATION,
+    [{"role": "user", "content": "Line one\n\nLine two"}, {"role": "assistant", "content": "Sure."}, {"role": "user", "content": "Again?"}],
+]
+
+
+def hf_parity(hf, tok, prompts, tail=(), **kwargs):
+    """Our prompt text and ids against apply_chat_template with the generation prompt, and prompt + response ids
+    (with the header in the prompt or in the response) against apply_chat_template of the whole conversation."""
+    def hf_ids(messages, add_generation_prompt=False):
+        return list(hf.apply_chat_template(messages, tokenize=True, return_dict=True, add_generation_prompt=add_generation_prompt, **kwargs)["input_ids"])
+
+    for prompt in prompts:
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        assert tok.render_prompt(prompt) == hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
+        assert tok.encode_prompt(prompt) == hf_ids(messages, add_generation_prompt=True)
+        for answer in ANSWERS:
+            full = hf_ids(messages + [{"role": "assistant", "content": answer}])
+            assert tok.encode_prompt(prompt) + tok.encode_response(answer, prompt=prompt) + list(tail) == full
+            assert tok.encode_prompt(prompt, False) + tok.encode_response(answer, include_header=True, prompt=prompt) + list(tail) == full
+
+
+@pytest.mark.parametrize("version", ["3.1", "3.2"])
+def test_llama31_and_32_equal_apply_chat_template(tmp_path, version):
+    """Llama 3.1 and 3.2 Instruct (3.3 ships 3.1's template text with strftime_now, like 3.2): rendered in Python,
+    against transformers' apply_chat_template on the same checkpoint directory, for no system message, a system
+    message with surrounding spaces (trimmed, after the dated header) and multi-turn conversations, one BOS, with
+    a BPE tokenizer whose post-processor adds BOS. 3.1 writes its fixed date; 3.2's date is pinned on both sides
+    with date_string. The 3.1 fixture is the 3.2 template with its strftime_now block replaced by 3.1's fixed date
+    (testdata/README.md): checked here too."""
+    transformers = pytest.importorskip("transformers")
+    assert LLAMA31_TEMPLATE == LLAMA32_TEMPLATE.replace(
+        '{%- if strftime_now is defined %}\n        {%- set date_string = strftime_now("%d %b %Y") %}\n    {%- else %}\n'
+        '        {%- set date_string = "26 Jul 2024" %}\n    {%- endif %}', '{%- set date_string = "26 Jul 2024" %}')
+    template = LLAMA31_TEMPLATE if version == "3.1" else LLAMA32_TEMPLATE
+    path = llama3_dir(tmp_path, trained_tokenizer(LLAMA3_SPECIALS, bos_post=True), template=None, jinja=template)
+    hf = transformers.AutoTokenizer.from_pretrained(path)
+    pin = {} if version == "3.1" else {"date_string": "05 Mar 2025"}
+    tok = ChatTokenizer.from_pretrained(path, **pin)
+    assert tok.template == "llama3.1" and tok.date_string == ("26 Jul 2024" if version == "3.1" else "05 Mar 2025")
+    hf_parity(hf, tok, LLAMA31_PROMPTS, **pin)
+    text = tok.render_prompt([{"role": "system", "content": "  Be brief. "}, {"role": "user", "content": "Hi"}])
+    assert text == ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n"
+                    f"Today Date: {tok.date_string}\n\nBe brief.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+                    "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    ids = tok.encode_prompt("Hi")
+    assert ids[0] == tok.bos_id and ids.count(tok.bos_id) == 1  # the post-processor's BOS is not added a second time
+
+
+def test_llama32_date_is_today_unless_pinned(tmp_path):
+    """Llama 3.2 without date_string: today's date, as transformers' strftime_now gives it (both read the clock, so
+    this compares against apply_chat_template on the same day); date_string on both sides pins it; forcing the
+    'llama3.1' template on a checkpoint without one takes 3.1's fixed date."""
+    transformers = pytest.importorskip("transformers")
+    path = llama3_dir(tmp_path, byte_tokenizer(LLAMA3_SPECIALS), template=LLAMA32_TEMPLATE)
+    hf = transformers.AutoTokenizer.from_pretrained(path)
+    messages = [{"role": "user", "content": "Hi"}]
+    assert ChatTokenizer.from_pretrained(path).render_prompt("Hi") == hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert "Today Date: 01 Jan 2030\n" in ChatTokenizer.from_pretrained(path, date_string="01 Jan 2030").render_prompt("Hi")
+    plain = llama3_dir(tmp_path / "plain", byte_tokenizer(LLAMA3_SPECIALS))
+    assert "Today Date: 26 Jul 2024\n" in ChatTokenizer.from_pretrained(plain, template="llama3.1").render_prompt("Hi")
+
+
+def test_tool_conversations_are_refused(tmp_path):
+    """A message with tool calls is refused when read (its calls would be dropped), naming file, line and message;
+    a tool result under a Llama 3.1 template is refused when tokenized, naming the group's line. A null
+    tool_calls (as Parquet gives every message of a column that has them anywhere) is no tool call."""
+    call = {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": {}}}]}
+    no_call = {"role": "assistant", "content": "a", "tool_calls": None}
+    rows = [{**GOOD, "prompt": [{"role": "user", "content": "u"}, no_call, {"role": "user", "content": "w"}]},
+            {**GOOD, "prompt": [{"role": "user", "content": "u"}, call, {"role": "user", "content": "v"}]}]
+    with pytest.raises(DataError, match=r"tools\.jsonl:2: field 'prompt\[1\]\.tool_calls': conversations with tool calls are not supported"):
+        read_groups(write(tmp_path, "tools.jsonl", rows))
+    groups, _ = read_groups(write(tmp_path, "ok.jsonl", rows[:1]))
+    tok = ChatTokenizer.from_pretrained(llama3_dir(tmp_path / "m", template=LLAMA32_TEMPLATE), date_string="01 Jan 2025")
+    tool = Group([{"role": "user", "content": "u"}, {"role": "tool", "content": "42"}], ["a", "b"], [1.0, 2.0], 9)
+    with pytest.raises(DataError, match="group from line 9: conversations with tool results are not supported"):
+        tokenize_groups(groups + [tool], tok, 100, 50)
+
+
+@pytest.mark.parametrize("kind", ["zephyr", "mistral"])
+def test_jinja_templates_equal_apply_chat_template(tmp_path, kind):
+    """Templates that are neither Llama nor ChatML, rendered through jinja2 as transformers does: Zephyr's (text
+    role markers, eos after every turn, a "\\n" after it that is not scored) and Mistral-Instruct's (bos_token from
+    the config, raise_exception on roles out of order). Prompt text and ids, and prompt + response ids with the
+    template's trailing text added, against apply_chat_template; the response as scored ends at its stop token."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("jinja2")
+    if kind == "zephyr":
+        cfg = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "chat_template": ZEPHYR_TEMPLATE}
+        prompts, tail = LLAMA31_PROMPTS, None
+    else:
+        cfg = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "chat_template": MISTRAL_TEMPLATE}
+        prompts, tail = [LLAMA31_PROMPTS[0], LLAMA31_PROMPTS[3]], []
+    path = write_checkpoint(tmp_path, trained_tokenizer(MISTRAL_SPECIALS, bos_post=True), cfg)
+    hf = transformers.AutoTokenizer.from_pretrained(path)
+    tok = ChatTokenizer.from_pretrained(path)
+    assert tok.template == "jinja" and tok.stop_ids == {tok.eos_id}
+    hf_parity(hf, tok, prompts, tail=tok.encode("\n") if tail is None else tail)
+    if kind == "zephyr":
+        assert tok.render_prompt("Hi") == "<|user|>\nHi</s>\n<|assistant|>\n"
+        assert tok.render_response("Paris.", prompt="Hi") == "Paris.</s>"
+        assert tok.render_response("Paris.", include_header=True, prompt="Hi") == "<|assistant|>\nParis.</s>"
+    else:
+        assert tok.render_prompt("Hi") == "<s>[INST] Hi [/INST]" and tok.encode_prompt("Hi").count(tok.bos_id) == 1
+        with pytest.raises(ValueError, match="Conversation roles must alternate") as e:
+            tok.render_prompt([{"role": "system", "content": "s"}, {"role": "user", "content": "u"}])
+        assert "\n" not in str(e.value)
+        # through tokenize_groups: one DataError naming the group's line
+        with pytest.raises(DataError, match="group from line 4: the chat template failed"):
+            tokenize_groups([Group([{"role": "assistant", "content": "a"}], ["x", "y"], [1.0, 0.0], 4)], tok, 64, 32)
+
+
+def test_jinja_template_errors(tmp_path):
+    """A template whose prompt + response rendering does not start with the prompt's rendering, one whose
+    assistant turn has no stop token, and one that does not compile: each a one-line error."""
+    pytest.importorskip("jinja2")
+    tok = byte_tokenizer(MISTRAL_SPECIALS)
+    reverse = "{% for m in messages | reverse %}{{ m['content'] + eos_token }}{% endfor %}"
+    t = ChatTokenizer.from_pretrained(write_checkpoint(tmp_path / "a", tok, {"eos_token": "</s>", "chat_template": reverse}))
+    with pytest.raises(ValueError, match="does not begin with the prompt"):
+        t.render_response("a", prompt="q")
+    plain = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
+    t = ChatTokenizer.from_pretrained(write_checkpoint(tmp_path / "b", tok, {"eos_token": "</s>", "chat_template": plain}))
+    with pytest.raises(ValueError, match=r"no stop token \(</s>\)"):
+        t.render_response("a", prompt="q")
+    with pytest.raises(data.CheckpointError, match="does not compile"):
+        ChatTokenizer.from_pretrained(write_checkpoint(tmp_path / "c", tok, {"eos_token": "</s>", "chat_template": "{% for %}"}))
+
+
+def test_broken_tokenizer_json_is_one_line(tmp_path):
+    """A truncated tokenizer.json (a download cut short) is a CheckpointError (a ValueError) naming the file, in one
+    line; so is invalid JSON in tokenizer_config.json."""
+    path = llama3_dir(tmp_path)
+    full = (tmp_path / "tokenizer.json").read_text()
+    (tmp_path / "tokenizer.json").write_text(full[:len(full) // 2])
+    with pytest.raises(data.CheckpointError, match=re.escape(f"{tmp_path / 'tokenizer.json'}: not a valid tokenizer.json")) as e:
+        ChatTokenizer.from_pretrained(path)
+    assert "\n" not in str(e.value)
+    (tmp_path / "tokenizer.json").write_text(full)
+    (tmp_path / "tokenizer_config.json").write_text('{"eos_token": ')
+    with pytest.raises(data.CheckpointError, match=re.escape(f"{tmp_path / 'tokenizer_config.json'}:1: invalid JSON")):
+        ChatTokenizer.from_pretrained(path)
+
+
+# -----------------------------------------------------------------------------
+# Data files as downloaded
+
+
+def test_data_files_folder_glob_list(tmp_path):
+    """A folder as `huggingface-cli download --local-dir` leaves it (data files at any depth, README.md,
+    .gitattributes, a .cache folder holding data-like files): its data files, sorted; a glob; a list; and one-line
+    errors for a missing file, an empty glob and a folder without data files. Expected lists written by hand."""
+    (tmp_path / "d" / "data" / "sub").mkdir(parents=True)
+    (tmp_path / "d" / ".cache" / "huggingface").mkdir(parents=True)
+    for name in ("data/b.jsonl", "data/a.parquet", "data/sub/c.json.gz", "top.json", "README.md", ".gitattributes",
+                 ".cache/huggingface/x.jsonl", "data/.hidden.jsonl", "data/notes.txt"):
+        (tmp_path / "d" / name).write_text("")
+    d = str(tmp_path / "d")
+    assert data.data_files(d) == [f"{d}/data/a.parquet", f"{d}/data/b.jsonl", f"{d}/data/sub/c.json.gz", f"{d}/top.json"]
+    assert data.data_files(f"{d}/data/*.jsonl") == [f"{d}/data/b.jsonl"]
+    assert data.data_files(f"{d}/**/*.gz") == [f"{d}/data/sub/c.json.gz"]
+    assert data.data_files([f"{d}/top.json", f"{d}/data/sub"]) == [f"{d}/top.json", f"{d}/data/sub/c.json.gz"]
+    assert data.data_files(f"{d}/data/notes.txt") == [f"{d}/data/notes.txt"]  # a file named explicitly is read whatever its name
+    with pytest.raises(DataError, match=re.escape(f"no such data file: {d}/nope.jsonl")):
+        data.data_files([f"{d}/top.json", f"{d}/nope.jsonl"])
+    with pytest.raises(DataError, match=re.escape(f"no such data file: {d}/*.parquet")):
+        data.data_files(f"{d}/*.parquet")
+    (tmp_path / "d" / "docs" / ".cache").mkdir(parents=True)
+    (tmp_path / "d" / "docs" / "README.md").write_text("")
+    (tmp_path / "d" / "docs" / ".cache" / "x.jsonl").write_text("")
+    with pytest.raises(DataError, match=re.escape(f"{d}/docs: no data files (.jsonl, .json, .parquet, .jsonl.gz, .json.gz) in this folder")):
+        data.data_files(f"{d}/docs")  # a README and a hidden folder's file: nothing to read
+    with pytest.raises(FileNotFoundError):  # DataError and FileNotFoundError both, as before
+        data.data_files(f"{d}/nope")
+
+
+def test_ultrafeedback_folder_gzip_and_json_lines_in_json(tmp_path):
+    """openbmb/UltraFeedback as downloaded: one JSONL file per source in a folder, with README.md and .gitattributes;
+    read as one set (the fixture's three groups split over two files), lines named per file. The same rows as
+    JSON Lines in a .json file (what `datasets`' to_json writes) and gzipped (.jsonl.gz) read alike."""
+    rows = json.loads(read_testdata("ultrafeedback.json"))
+    (tmp_path / "uf").mkdir()
+    write(tmp_path / "uf", "evol_instruct.jsonl", rows[:2])
+    write(tmp_path / "uf", "flan.jsonl", rows[2:])
+    (tmp_path / "uf" / "README.md").write_text("---\nlicense: mit\n---\n")
+    (tmp_path / "uf" / ".gitattributes").write_text("*.jsonl filter=lfs\n")
+    groups, report = read_groups(str(tmp_path / "uf"))
+    assert [(g.prompt, g.responses, g.scores) for g in groups] == EXPECTED
+    uf = tmp_path / "uf"
+    assert [g.line for g in groups] == [f"{uf}/evol_instruct.jsonl:1", f"{uf}/evol_instruct.jsonl:2", f"{uf}/flan.jsonl:1"]
+    assert report.source == f"{uf} (2 files, ultrafeedback)" and report.kept == 3
+    lines = write(tmp_path, "x.json", rows)
+    with gzip.open(tmp_path / "x.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write("\n".join(map(json.dumps, rows)))
+    for path in (lines, str(tmp_path / "x.jsonl.gz")):
+        groups, _ = read_groups(path)
+        assert [(g.prompt, g.responses, g.scores) for g in groups] == EXPECTED and [g.line for g in groups] == [1, 2, 3]
+    # a skip in a set of several files names the file
+    write(tmp_path / "uf", "z.jsonl", [{"instruction": "p", "completions": [{"response": "a", "overall_score": 2}]}])
+    _, report = read_groups([str(uf / "flan.jsonl"), str(uf / "z.jsonl")])
+    assert report.skipped == {"fewer than 2 responses": [f"{uf}/z.jsonl:1"]}
+
+
+def parquet_rows(path, rows):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return str(path)
+
+
+def msgs(*turns):
+    return [{"content": c, "role": r} for r, c in zip(("user", "assistant") * len(turns), turns)]
+
+
+def test_parquet_armorm_and_binarized(tmp_path):
+    """princeton-nlp/llama3-ultrafeedback-armorm's and HuggingFaceH4/ultrafeedback_binarized's data/*.parquet, rows
+    shaped as their cards say: armorm reads as SimPO's format (all responses and their reward-model scores, not the
+    chosen/rejected pair); binarized as pairwise with score_chosen/score_rejected. Row indices name the rows."""
+    q = EXPECTED[0][0]
+    armorm = [{"prompt_id": "a0", "prompt": q, "all_generated_responses": ["Paris.", "Lyon.", "Nice."],
+               "all_rm_scores": [0.17, 0.05, 0.11], "chosen": msgs(q, "Paris."), "rejected": msgs(q, "Lyon.")}] * 2
+    path = parquet_rows(tmp_path / "armorm" / "data" / "train-00000-of-00001.parquet", armorm)
+    groups, report = read_groups(str(tmp_path / "armorm"))
+    assert [(g.prompt, g.responses, g.scores, g.line) for g in groups] == [(q, ["Paris.", "Lyon.", "Nice."], [0.17, 0.05, 0.11], i) for i in (0, 1)]
+    assert report.source == f"{tmp_path / 'armorm'} (simpo)"
+    binarized = [{"prompt": p, "prompt_id": f"id{i}", "chosen": msgs(p, r[0]), "rejected": msgs(p, r[1]), "messages": msgs(p, r[0]),
+                  "score_chosen": s[0], "score_rejected": s[1]} for i, (p, r, s) in enumerate(EXPECTED)]
+    for split in ("train_prefs", "test_prefs"):
+        parquet_rows(tmp_path / "h4" / "data" / f"{split}-00000-of-00001.parquet", binarized)
+    groups, report = read_groups(str(tmp_path / "h4" / "data" / "train_prefs-*.parquet"))
+    assert [(g.prompt, g.responses, g.scores) for g in groups] == EXPECTED and [g.line for g in groups] == [0, 1, 2]
+    bad = parquet_rows(tmp_path / "bad.parquet", [{**armorm[0], "all_rm_scores": [0.1, None, 0.3]}])
+    with pytest.raises(DataError, match=re.escape(f"{bad}: row 0: field 'all_rm_scores[1]': expected a number, got null")):
+        read_groups(bad)
+    (tmp_path / "cut.parquet").write_bytes(open(path, "rb").read()[:100])
+    with pytest.raises(DataError, match="cut.parquet: cannot read Parquet"):
+        read_groups(str(tmp_path / "cut.parquet"))
+
+
+def test_parquet_without_pyarrow_and_numpy_values(tmp_path, monkeypatch):
+    """Without pyarrow a Parquet file is a one-line error naming `pip install pyarrow`. Rows holding numpy values (as
+    pandas gives them: np.float32 scores, arrays of strings) pass the same validation as plain ones, and a numpy
+    NaN or bool is refused the same way."""
+    np = pytest.importorskip("numpy")
+    path = parquet_rows(tmp_path / "x.parquet", [GOOD])
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    with pytest.raises(DataError, match=re.escape(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)")):
+        read_groups(path)
+    row = {"prompt": "p", "all_generated_responses": np.array(["a", "b"], dtype=object), "all_rm_scores": np.array([1.5, 2.0], dtype=np.float32)}
+    assert data.PARSERS["simpo"](row, "w") == ("p", ["a", "b"], [1.5, 2.0], 0)
+    assert data.PARSERS["pairwise"]({"prompt": "p", "chosen": "a", "rejected": "b", "score_chosen": np.int64(3), "score_rejected": np.float64(1)}, "w")[2] == [3.0, 1.0]
+    with pytest.raises(DataError, match=r"w: field 'all_rm_scores\[1\]': score is nan"):
+        data.PARSERS["simpo"]({**row, "all_rm_scores": np.array([1.0, np.nan])}, "w")
+    with pytest.raises(DataError, match=r"w: field 'all_rm_scores\[0\]': expected a number, got bool"):
+        data.PARSERS["simpo"]({**row, "all_rm_scores": [np.bool_(True), 1.0]}, "w")
+
+
+# -----------------------------------------------------------------------------
+# More formats
+
+
+def test_nectar_ranks_and_turns():
+    """berkeley-nest/Nectar rows: the Human/Assistant transcript becomes messages (one turn: a plain prompt; two
+    turns: user, assistant, user), and rank r of K becomes (K - r) / (K - 1), by hand for K = 3: ranks 1, 2, 3 give
+    1, 0.5, 0; already in [0, 1], so scale_scores leaves them."""
+    groups, report = read_groups(os.path.join(TESTDATA, "nectar.jsonl"))
+    assert "(nectar)" in report.source
+    assert [(g.prompt, g.responses, g.scores) for g in groups] == [
+        ("What is the capital of France?", ["Paris.", "Lyon is the capital.", "It is Paris, I think."], [1.0, 0.0, 0.5]),
+        ([{"role": "user", "content": "Name a prime number."}, {"role": "assistant", "content": "7 is one."},
+          {"role": "user", "content": "Another one?"}], ["8", "11", "13 is prime."], [0.0, 1.0, 0.5])]
+    assert data.scale_scores(groups)[0].scores == [1.0, 0.0, 0.5]
+
+
+@pytest.mark.parametrize("prompt,message", [
+    ("Question\n\nHuman: hi\n\nAssistant:", "text before the first 'Human:' turn"),
+    ("\n\nHuman: hi\n\nAssistant: done", "does not end with an empty 'Assistant:' turn"),
+    ("\n\nHuman: hi\n\nHuman: again\n\nAssistant:", "do not alternate Human, Assistant"),
+])
+def test_nectar_bad_rows(tmp_path, prompt, message):
+    """Malformed Nectar transcripts and ranks: one line naming file, line and field."""
+    answers = [{"answer": "a", "model": "m", "rank": 1}, {"answer": "b", "model": "m", "rank": 2}]
+    with pytest.raises(DataError, match=re.escape(f":1: field 'prompt': ") + ".*" + re.escape(message)):
+        read_groups(write(tmp_path, "n.jsonl", [{"prompt": prompt, "answers": answers}]))
+    with pytest.raises(DataError, match=re.escape(":1: field 'answers[1].rank': rank 3 outside 1..2")):
+        read_groups(write(tmp_path, "n.jsonl", [{"prompt": "x", "answers": [answers[0], {**answers[1], "rank": 3}]}]))
+
+
+def test_argilla_ratings_are_scores():
+    """Pairwise rows with Argilla's ratings (chosen-rating/rejected-rating, or chosen_rating/rejected_rating) score by
+    them, not 1/0: so a tie (3.0 and 3.0 on line 3) is skipped as any tie is."""
+    groups, report = read_groups(os.path.join(TESTDATA, "argilla_pairwise.jsonl"))
+    assert [(g.prompt, g.responses, g.scores) for g in groups] == [
+        ("What is the capital of France?", ["Paris.", "Lyon is the capital."], [5.0, 1.5]), ("Name a prime number.", ["7", "8"], [4.0, 2.0])]
+    assert report.skipped == {"all scores equal": [3]}
+
+
+def test_single_response_rows_grouped_by_prompt(tmp_path):
+    """nvidia/HelpSteer2-style rows (one response each) are grouped by prompt, in order of first appearance, scored
+    by score_field; without one, a one-line error lists the numeric fields; score_field on other data is refused."""
+    path = os.path.join(TESTDATA, "helpsteer2.jsonl")
+    groups, report = read_groups(path, score_field="correctness")
+    assert [(g.prompt, g.responses, g.scores, g.line) for g in groups] == [
+        ("What is the capital of France?", ["Paris.", "Lyon is the capital."], [4.0, 0.0], 1), ("Name a prime number.", ["7", "8"], [4.0, 0.0], 3),
+        ("Say hi in French.", ["Bonjour!", "Hello."], [4.0, 1.0], 5)]
+    assert "(single)" in report.source and (report.rows, report.kept) == (3, 3)
+    _, report = read_groups(path, score_field="helpfulness")
+    assert report.skipped == {"all scores equal": [5]}
+    with pytest.raises(DataError, match=re.escape(f"{path}:1: rows of one response each need the field to score by: pass score_field "
+                                                  "(--score_field) one of helpfulness, correctness, coherence, complexity, verbosity")):
+        read_groups(path)
+    with pytest.raises(DataError, match="score_field applies to rows of one response each"):
+        read_groups(os.path.join(TESTDATA, "canonical.jsonl"), score_field="helpfulness")
+
+
+def test_ties_kept_for_point_wise_losses(tmp_path):
+    """require_preference=False keeps groups whose scores are all equal (the point-wise losses learn from each score
+    alone), in read_groups and tokenize_groups alike; other skips still apply."""
+    rows = [GOOD, {"prompt": "p", "responses": ["a", "b"], "scores": [3, 3]}, {"prompt": "p", "responses": ["a"], "scores": [3]}]
+    groups, report = read_groups(write(tmp_path, "t.jsonl", rows), require_preference=False)
+    assert [g.line for g in groups] == [1, 2] and report.skipped == {"fewer than 2 responses": [3]}
+    tok = ChatTokenizer.from_pretrained(llama3_dir(tmp_path / "m"))
+    assert [t.line for t in tokenize_groups(groups, tok, 100, 50)[0]] == [1]
+    assert [t.line for t in tokenize_groups(groups, tok, 100, 50, require_preference=False)[0]] == [1, 2]
+
+
+# -----------------------------------------------------------------------------
+# Long texts cut before tokenizing
+
+
+def test_long_texts_cut_before_tokenizing_keep_the_same_tokens(tmp_path):
+    """Texts far over the character bound (2 x max_length x the longest token's characters) are cut before
+    tokenizing, and the ids kept equal the token-level truncation of the uncut texts, computed here by encoding
+    them whole and slicing: a response keeps its beginning, a prompt its end behind BOS. The cuts are counted."""
+    tok = ChatTokenizer.from_pretrained(llama3_dir(tmp_path, trained_tokenizer(LLAMA3_SPECIALS)))
+    assert tok.max_token_chars == len("<|start_header_id|>")  # the longest special token; merged tokens are shorter
+    max_length, max_prompt_length = 40, 20
+    bound = 2 * max_length * tok.max_token_chars
+    long_text = " ".join(CORPUS) * 3
+    assert len(long_text) > 4 * bound
+    g = Group([{"role": "system", "content": long_text}, {"role": "user", "content": "Hello there!"}], [long_text, "ok"], [2.0, 1.0], 1)
+    (t,), report = tokenize_groups([g], tok, max_length, max_prompt_length)
+    full_prompt = tok.encode_prompt(g.prompt)
+    assert t.prompt_ids == [tok.bos_id] + full_prompt[-(max_prompt_length - 1):]
+    room = max_length - max_prompt_length
+    assert t.response_ids == [tok.encode_response(long_text)[:room], tok.encode_response("ok")]
+    assert (report.cut_texts, report.truncated_prompts, report.truncated_responses) == (2, 1, 1)
+    assert "of which 2 texts were cut to a character bound before tokenizing" in report.summary()
+    # without max_prompt_length a cut prompt still fills max_length, and skips its group as the uncut one does
+    _, report = tokenize_groups([g], tok, max_length, None)
+    assert report.skipped == {data.PROMPT_FILLS: [1]}
+    # no budget, no cut
+    (t,), report = tokenize_groups([g], tok, None, None)
+    assert t.prompt_ids == full_prompt and report.cut_texts == 0
+
+
+# -----------------------------------------------------------------------------
+# python data.py on what people download
+
+
+def test_cli_reads_folders_lists_and_formats(tmp_path, capsys):
+    """The statistics mode takes a folder and a list of files, and --score_field, --date_string, --keep_ties."""
+    path = llama3_dir(tmp_path / "m", template=LLAMA32_TEMPLATE)
+    (tmp_path / "d").mkdir()
+    for name in ("canonical.jsonl", "rrhf.jsonl"):
+        (tmp_path / "d" / name).write_text(read_testdata(name))
+    data.main(["--model", path, "--data", str(tmp_path / "d"), os.path.join(TESTDATA, "simpo.jsonl"), "--date_string", "01 Jan 2025"])
+    out = capsys.readouterr().out
+    assert "template llama3.1" in out and "(3 files, canonical, rrhf, simpo)" in out and "groups: 9, responses: 18" in out
+    data.main(["--model", path, "--data", os.path.join(TESTDATA, "helpsteer2.jsonl"), "--score_field", "helpfulness", "--keep_ties"])
+    assert "groups: 3, responses: 6" in capsys.readouterr().out
