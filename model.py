@@ -3,17 +3,24 @@ Llama 2 / 3 / 3.1 / 3.2 in plain PyTorch, reading and writing Hugging Face check
 
 Module and parameter names are exactly transformers' LlamaForCausalLM names, so a checkpoint loads
 with a strict state-dict load and no key map, and what save_pretrained writes loads in transformers.
+config.json is read the way transformers reads it: a key it honours with a value this model does not
+compute is refused, a key it does not read is ignored (and reported). check_pretrained checks a
+whole folder from the safetensors headers, before any tensor is read.
 Depends only on torch, safetensors and the standard library.
 """
 
 import json
 import math
 import os
+import re
 import shutil
-from dataclasses import asdict, dataclass, fields
+import signal
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
@@ -26,18 +33,7 @@ class ConfigError(ValueError):
 
 
 class CheckpointError(ValueError):
-    """The tensors on disk do not match what config.json describes."""
-
-
-# config.json keys that do not change the computation: metadata, inference switches, and
-# pretraining_tp (it only splits the same matmuls into slices in old transformers versions)
-IGNORED_KEYS = ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache",
-                "initializer_range", "pretraining_tp")
-# settings this implementation hard-codes; any other value would change the model
-FIXED_KEYS = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0}
-# files copied next to the weights so the saved folder is a complete checkpoint
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "chat_template.jinja", "generation_config.json")
+    """The files on disk do not match what config.json describes."""
 
 
 @dataclass
@@ -50,14 +46,18 @@ class LlamaConfig:
     num_key_value_heads: int | None = None  # fewer than query heads = grouped-query attention; None = same
     head_dim: int | None = None  # width of one head; None = hidden_size // num_attention_heads
     max_position_embeddings: int = 2048  # advertised context length; RoPE itself does not enforce it
-    rms_norm_eps: float = 1e-6
+    rms_norm_eps: float = 1e-6  # added to the mean square in RMSNorm
     rope_theta: float = 10000.0  # RoPE base
     rope_scaling: dict | None = None  # None, or {"rope_type": "llama3", "factor", "low_freq_factor",
     #                                   "high_freq_factor", "original_max_position_embeddings"} (Llama 3.1+)
-    tie_word_embeddings: bool = False  # lm_head reuses embed_tokens.weight (Llama 3.2 1B/3B)
+    tie_word_embeddings: bool = False  # lm_head reuses embed_tokens.weight (Llama 3.2 1B/3B, SmolLM2)
     bos_token_id: int | None = None  # token ids are carried through to config.json, not used here
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
+    # how the weights are stored ("bfloat16", ...), not what the model computes in, so two configs that
+    # differ only here (or in ignored_keys) describe the same model and compare equal
+    torch_dtype: str | None = field(default=None, compare=False)
+    ignored_keys: tuple = field(default=(), compare=False)  # keys of config.json transformers does not read either
 
     def __post_init__(self):
         self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
@@ -70,75 +70,23 @@ class LlamaConfig:
 
     @classmethod
     def from_json(cls, path):
-        with open(path) as f:
-            return cls.from_dict(json.load(f), source=str(path))
+        try:
+            with open(path) as f:
+                d = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_dict(d, source=str(path))
 
     @classmethod
     def from_dict(cls, d, source="config.json"):
-        d = {k: v for k, v in d.items() if v is not None}  # HF writes null for "not set"
-        arch = d.pop("architectures", ["LlamaForCausalLM"])
-        if arch != ["LlamaForCausalLM"]:
-            raise ConfigError(f"{source}: 'architectures' is {arch}; only ['LlamaForCausalLM'] is supported")
-        if d.pop("model_type", "llama") != "llama":
-            raise ConfigError(f"{source}: 'model_type' must be 'llama'")
-        for key, want in FIXED_KEYS.items():
-            if d.pop(key, want) != want:
-                raise ConfigError(f"{source}: '{key}' must be {want!r}; this implementation supports nothing else")
-        for key in IGNORED_KEYS:
-            d.pop(key, None)
-        d["rope_theta"], d["rope_scaling"] = _parse_rope(d, source)
-        known = {f.name for f in fields(cls)}
-        for key in d:
-            if key not in known:
-                raise ConfigError(f"{source}: unsupported key '{key}'")
-        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
-            if key not in d:
-                raise ConfigError(f"{source}: required key '{key}' is missing")
-        try:
-            return cls(**d)
-        except ConfigError as e:  # __post_init__'s checks, now with the file name
-            raise ConfigError(f"{source}: {e}") from None
+        return parse_config(d, source)  # validation lives with the checkpoint code below
 
     def to_dict(self):
         # RoPE goes out as the older rope_theta / rope_scaling keys: transformers v4 reads only those,
         # and v5 converts them to its rope_parameters on load.
-        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **asdict(self), **FIXED_KEYS}
-
-
-def _parse_rope(d, source):
-    """Pop the RoPE keys, old-style (rope_theta, rope_scaling) and/or new-style (rope_parameters),
-    and return (rope_theta, rope_scaling) with rope_scaling normalised to None or a llama3 dict."""
-    max_pos = d.get("max_position_embeddings", 2048)
-
-    def parse(rope, theta, key):
-        rope = dict(rope)
-        rope_type = rope.pop("rope_type", rope.pop("type", "default"))  # "type" is the pre-4.45 spelling
-        theta = float(rope.pop("rope_theta", theta))
-        scaling = None
-        if rope_type == "llama3":
-            scaling = {"rope_type": "llama3"}
-            for k in ("factor", "low_freq_factor", "high_freq_factor"):
-                if k not in rope:
-                    raise ConfigError(f"{source}: '{key}.{k}' is missing (required by rope_type 'llama3')")
-                scaling[k] = float(rope.pop(k))
-            # transformers falls back to max_position_embeddings as well
-            scaling["original_max_position_embeddings"] = int(rope.pop("original_max_position_embeddings", max_pos))
-        elif rope_type != "default":
-            raise ConfigError(f"{source}: '{key}.rope_type' is {rope_type!r}; "
-                              "only 'default' and 'llama3' are supported")
-        if rope:
-            raise ConfigError(f"{source}: unsupported key '{key}.{next(iter(rope))}' for rope_type {rope_type!r}")
-        return theta, scaling
-
-    theta, scaling = d.pop("rope_theta", None), d.pop("rope_scaling", None)
-    default_theta = theta if theta is not None else 10000.0
-    old = parse(scaling or {}, default_theta, "rope_scaling")
-    if "rope_parameters" not in d:
-        return old
-    new = parse(d.pop("rope_parameters"), default_theta, "rope_parameters")
-    if (theta is not None and new[0] != old[0]) or (scaling is not None and new[1] != old[1]):
-        raise ConfigError(f"{source}: 'rope_parameters' disagrees with 'rope_theta'/'rope_scaling'")
-    return new
+        d = {k: v for k, v in asdict(self).items() if k != "ignored_keys"}
+        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **d,
+                **{k: allowed[0] for k, allowed in FIXED_KEYS.items()}}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -324,129 +272,381 @@ class Llama(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu"):
-        """Load a HF checkpoint folder: model.safetensors, or shards listed in model.safetensors.index.json."""
+        """Load a HF checkpoint folder (model.safetensors, or shards listed in model.safetensors.index.json)
+        in `dtype` on `device`. Every file is checked (see check_pretrained) before any tensor is read."""
         path = Path(path)
         if not path.is_dir():
             raise FileNotFoundError(f"{path}: no such checkpoint folder")
-        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         config = LlamaConfig.from_json(path / "config.json")
+        if config.ignored_keys and not (dist.is_available() and dist.is_initialized() and dist.get_rank() > 0):
+            print(f"{path / 'config.json'}: ignoring {', '.join(config.ignored_keys)} (transformers does not read them either)")
         with torch.device("meta"):  # no memory until the real tensors are assigned below
             model = cls(config)
         # one tensor at a time, straight into its final dtype/device: no second copy of the model
+        dtype = as_torch_dtype(dtype)
         state = {name: tensor[:].to(device=device, dtype=dtype) for name, tensor in checkpoint_tensors(path, config)}
-        tied = config.tie_word_embeddings
-        if tied:
+        if config.tie_word_embeddings:
             state["lm_head.weight"] = state["model.embed_tokens.weight"]
         model.load_state_dict(state, strict=True, assign=True)
-        if tied:  # assign=True gave the two modules separate Parameter objects; share one again
+        if config.tie_word_embeddings:  # assign=True gave the two modules separate Parameter objects; share one again
             model.lm_head.weight = model.model.embed_tokens.weight
         model.source_dir = str(path)
         return model
 
-    def save_pretrained(self, path, max_shard_size=5 * 1024**3, source_dir=None, state_dict=None):
-        """Write a HF checkpoint folder atomically: safetensors shards + index, config.json, and the
-        tokenizer / generation files of source_dir (default: the folder this model was loaded from).
-        state_dict: pass a full (gathered) state dict when the model is sharded, e.g. under FSDP."""
-        path = Path(path)
+    def save_pretrained(self, path, source_dir=None, state_dict=None, dtype=None, atomic=True, max_shard_size=5 * 1024**3):
+        """Write a HF checkpoint folder: safetensors shards + index, config.json, and the tokenizer /
+        generation files of source_dir (default: the folder this model was loaded from).
+        state_dict: a full (gathered) state dict when the model is sharded, e.g. under FSDP.
+        dtype: cast each tensor as it is written (None: as it is); config.json's torch_dtype says which.
+        atomic: write through atomic_dir, so path holds the old folder or the new one, never half of one;
+        False writes into path directly (a caller that has its own atomic_dir around a larger folder)."""
         state = self.state_dict() if state_dict is None else state_dict
-        if self.config.tie_word_embeddings:
-            state = {k: v for k, v in state.items() if k != "lm_head.weight"}
-        shards, size = [[]], 0  # consecutive tensors, at most max_shard_size bytes per shard
-        for name, t in state.items():
-            nbytes = t.numel() * t.element_size()
-            if shards[-1] and size + nbytes > max_shard_size:
-                shards, size = shards + [[]], 0
-            shards[-1].append(name)
-            size += nbytes
-        # write next to the target (same file system, so the final rename is atomic); a crash leaves
-        # at worst a hidden .tmp folder, never a half checkpoint under the final name
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
-            weight_map, total_size = {}, 0
-            for i, names in enumerate(shards):
-                file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                tensors = {n: state[n].detach().to("cpu").contiguous() for n in names}
-                save_file(tensors, tmp / file, metadata={"format": "pt"})
-                weight_map.update({n: file for n in names})
-                total_size += sum(t.numel() * t.element_size() for t in tensors.values())
-            index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-            dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
-            config = {**self.config.to_dict(), "torch_dtype": dtype}
-            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-            source = source_dir if source_dir is not None else self.source_dir
-            for name in TOKENIZER_FILES if source is not None else ():
-                if (Path(source) / name).is_file():
-                    shutil.copy2(Path(source) / name, tmp / name)
-            if path.exists():
-                path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if old.exists() and not path.exists():  # died between the two renames: put the old one back
-                old.rename(path)
-            raise
+        source = source_dir if source_dir is not None else self.source_dir
+        if not atomic:
+            Path(path).mkdir(parents=True, exist_ok=True)
+        with atomic_dir(path) if atomic else nullcontext(Path(path)) as folder:
+            write_checkpoint(folder, self.config, state, source, dtype, max_shard_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# reading config.json like transformers' LlamaConfig
+
+
+# keys transformers reads whose every other value changes the computation (first value: what we write)
+FIXED_KEYS = {"hidden_act": ("silu", "swish"), "attention_bias": (False,), "mlp_bias": (False,),
+              "attention_dropout": (0.0,)}
+# keys transformers reads that do not change the computation: its own bookkeeping, which every
+# config.json it writes carries (pretraining_tp only split the same matmuls into slices in old versions)
+SILENT_KEYS = ("transformers_version", "use_cache", "initializer_range", "pretraining_tp",
+               "output_attentions", "output_hidden_states", "return_dict")
+POSITIVE, INT, NUMBER, BOOL = "a positive integer", "an integer", "a number", "true or false"
+FIELD_KINDS = dict(vocab_size=POSITIVE, hidden_size=POSITIVE, intermediate_size=POSITIVE, num_hidden_layers=POSITIVE,
+                   num_attention_heads=POSITIVE, num_key_value_heads=POSITIVE, head_dim=POSITIVE,
+                   max_position_embeddings=POSITIVE, rms_norm_eps=NUMBER, tie_word_embeddings=BOOL,
+                   bos_token_id=INT, eos_token_id=INT, pad_token_id=INT)
+REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+READ_KEYS = {*FIELD_KINDS, *FIXED_KEYS, *SILENT_KEYS, "architectures", "model_type", "quantization_config",
+             "torch_dtype", "dtype", "rope_theta", "rope_scaling", "rope_parameters"}
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+def parse_config(raw, source="config.json"):
+    """LlamaConfig from a config.json dict, or a one-line ConfigError naming source, the key and its value."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a JSON object, got {_short(raw)}")
+    d = {k: v for k, v in raw.items() if v is not None}  # HF writes null for "not set"
+
+    def refuse(key, why):
+        raise ConfigError(f"{source}: '{key}' is {_short(d[key])}; {why}")
+
+    if d.get("architectures", ["LlamaForCausalLM"]) != ["LlamaForCausalLM"]:
+        refuse("architectures", "only ['LlamaForCausalLM'] is supported")
+    if d.get("model_type", "llama") != "llama":
+        refuse("model_type", "only 'llama' is supported")
+    for key, allowed in FIXED_KEYS.items():
+        if key in d and (d[key] not in allowed or isinstance(d[key], bool) != isinstance(allowed[0], bool)):
+            refuse(key, f"this implementation computes only {allowed[0]!r}")
+    if "quantization_config" in d:
+        refuse("quantization_config", "quantized checkpoints are not supported")
+    values = {}
+    for key, kind in FIELD_KINDS.items():
+        if key in d:
+            values[key] = _typed(source, key, d[key], kind)
+    for key in REQUIRED:
+        if key not in values:
+            raise ConfigError(f"{source}: required key '{key}' is missing")
+    dtype = d.get("dtype", d.get("torch_dtype"))  # transformers keeps dtype when both are present
+    if dtype is not None:
+        key = "dtype" if "dtype" in d else "torch_dtype"
+        if not isinstance(dtype, str) or dtype.removeprefix("torch.") not in DTYPES:
+            refuse(key, f"expected one of {', '.join(DTYPES)}")
+        values["torch_dtype"] = dtype.removeprefix("torch.")
+    values["rope_theta"], values["rope_scaling"] = _parse_rope(d, source)
+    values["ignored_keys"] = tuple(k for k in raw if k not in READ_KEYS)
+    try:
+        return LlamaConfig(**values)
+    except ConfigError as e:  # __post_init__'s checks, now with the file name
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def _short(value):
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _typed(source, key, value, kind):
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    ok = {POSITIVE: is_int and value > 0, INT: is_int, BOOL: isinstance(value, bool),
+          NUMBER: isinstance(value, (int, float)) and not isinstance(value, bool)}[kind]
+    if key == "eos_token_id" and isinstance(value, list):  # Llama 3 instruct models stop on any of several
+        ok = bool(value) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    if not ok:
+        raise ConfigError(f"{source}: '{key}' is {_short(value)}; expected {kind}")
+    return float(value) if kind == NUMBER else value
+
+
+def _parse_rope(d, source):
+    """(rope_theta, rope_scaling) from the old-style keys (rope_theta, rope_scaling) and/or the new-style
+    rope_parameters, with rope_scaling normalised to None or a llama3 dict."""
+    max_pos = d.get("max_position_embeddings", 2048)
+
+    def parse(rope, theta, key):
+        if not isinstance(rope, dict):
+            raise ConfigError(f"{source}: '{key}' is {_short(rope)}; expected an object")
+        rope = dict(rope)
+        rope_type = rope.pop("rope_type", rope.pop("type", "default"))  # "type" is the pre-4.45 spelling
+        theta = _typed(source, f"{key}.rope_theta", rope.pop("rope_theta", theta), NUMBER)
+        scaling = None
+        if rope_type == "llama3":
+            scaling = {"rope_type": "llama3"}
+            for k in ("factor", "low_freq_factor", "high_freq_factor"):
+                if k not in rope:
+                    raise ConfigError(f"{source}: '{key}.{k}' is missing (required by rope_type 'llama3')")
+                scaling[k] = _typed(source, f"{key}.{k}", rope.pop(k), NUMBER)
+            # transformers falls back to max_position_embeddings as well
+            scaling["original_max_position_embeddings"] = _typed(
+                source, f"{key}.original_max_position_embeddings", rope.pop("original_max_position_embeddings", max_pos), POSITIVE)
+        elif rope_type != "default":  # linear, dynamic, yarn, longrope, ...: other position encodings
+            raise ConfigError(f"{source}: '{key}.rope_type' is {rope_type!r}; only 'default' and 'llama3' are supported")
+        if rope:
+            raise ConfigError(f"{source}: unsupported key '{key}.{next(iter(rope))}' for rope_type {rope_type!r}")
+        return theta, scaling
+
+    theta = _typed(source, "rope_theta", d["rope_theta"], NUMBER) if "rope_theta" in d else None
+    scaling = d.get("rope_scaling")
+    default_theta = theta if theta is not None else 10000.0
+    old = parse(scaling or {}, default_theta, "rope_scaling")
+    if "rope_parameters" not in d:
+        return old
+    new = parse(d["rope_parameters"], default_theta, "rope_parameters")
+    if (theta is not None and new[0] != old[0]) or (scaling is not None and new[1] != old[1]):
+        raise ConfigError(f"{source}: 'rope_parameters' disagrees with 'rope_theta'/'rope_scaling'")
+    return new
+
+
+def as_torch_dtype(dtype):
+    return getattr(torch, dtype.removeprefix("torch.")) if isinstance(dtype, str) else dtype
+
+
+# ----------------------------------------------------------------------------------------------
+# checking and reading checkpoint folders
+
+
+SAFETENSORS_FLOATS = ("F32", "BF16", "F16", "F64")  # dtypes a weight may be stored in
+
+
+def check_pretrained(path):
+    """Check a HF checkpoint folder without reading tensor data: config.json parses and asks for nothing
+    this model cannot compute, and every safetensors header holds exactly the tensors config implies
+    (name, shape, floating dtype), each lying inside its file. Returns the LlamaConfig, or raises one
+    ConfigError / CheckpointError line naming the file and the key or tensor."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such checkpoint folder")
+    config = LlamaConfig.from_json(path / "config.json")
+    _locate_tensors(path, config)
+    return config
 
 
 def checkpoint_tensors(path, config):
     """Yield (name, tensor slice) for every weight of the HF checkpoint folder `path`, lazily: a slice
     reads nothing until indexed, slice[:] is the whole tensor and slice[a:b] only rows a..b-1 (how a
-    sharded loader reads just its own rows). Checks names and shapes against what config implies and
-    raises CheckpointError naming the file for a tensor that is unexpected, misshapen, duplicated or
-    missing. A tied lm_head.weight is not yielded: it is model.embed_tokens.weight."""
+    sharded loader reads just its own rows). All of check_pretrained's checks on the files run before
+    the first tensor is yielded. A tied lm_head.weight is not yielded: it is model.embed_tokens.weight."""
+    by_file = {}
+    for name, file in _locate_tensors(Path(path), config).items():
+        by_file.setdefault(file, []).append(name)
+    for file, names in by_file.items():
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for name in names:
+                yield name, f.get_slice(name)
+
+
+def _locate_tensors(path, config):
+    """{tensor name: file holding it}, after checking every safetensors header against config."""
     with torch.device("meta"):
         expected = {name: tuple(t.shape) for name, t in Llama(config).state_dict().items()}
     tied = config.tie_word_embeddings
     if tied:  # HF omits it from the file; older saves may not
         del expected["lm_head.weight"]
-    files, where = _checkpoint_files(Path(path))
-    seen = set()
-    for file, listed in files:
-        with safe_open(file, framework="pt", device="cpu") as f:
-            for name in listed:
-                if name not in f.keys():
-                    raise CheckpointError(f"{file}: missing tensor '{name}' (listed in {where.name})")
-            for name in f.keys():
-                if name.endswith("rotary_emb.inv_freq") or (tied and name == "lm_head.weight"):
-                    continue  # recomputed from config / shared with embed_tokens
-                if name not in expected:
-                    raise CheckpointError(f"{file}: unexpected tensor '{name}'")
-                if name in seen:
-                    raise CheckpointError(f"{file}: tensor '{name}' also appears in another shard")
-                tensor = f.get_slice(name)
-                shape = tuple(tensor.get_shape())
-                if shape != expected[name]:
-                    raise CheckpointError(f"{file}: tensor '{name}' has shape {shape}, "
-                                          f"config.json implies {expected[name]}")
-                seen.add(name)
-                yield name, tensor
-    missing = [name for name in expected if name not in seen]
+    located = {}
+    for file, listed in _checkpoint_files(path):
+        header = read_safetensors_header(file)
+        for name in listed:
+            if name not in header:
+                raise CheckpointError(f"{file}: missing tensor '{name}' (listed in model.safetensors.index.json)")
+        for name, (dtype, shape) in header.items():
+            if name.endswith("rotary_emb.inv_freq") or (tied and name == "lm_head.weight"):
+                continue  # recomputed from config / shared with embed_tokens
+            if name not in expected:
+                raise CheckpointError(f"{file}: unexpected tensor '{name}'")
+            if name in located:
+                raise CheckpointError(f"{file}: tensor '{name}' also appears in {located[name].name}")
+            if shape != expected[name]:
+                raise CheckpointError(f"{file}: tensor '{name}' has shape {shape}, config.json implies {expected[name]}")
+            if dtype not in SAFETENSORS_FLOATS:
+                raise CheckpointError(f"{file}: tensor '{name}' is stored as {dtype}; expected one of "
+                                      f"{', '.join(SAFETENSORS_FLOATS)} (quantized weights are not supported)")
+            located[name] = file
+    missing = [name for name in expected if name not in located]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        where = path / ("model.safetensors.index.json" if (path / "model.safetensors.index.json").is_file() else "model.safetensors")
         raise CheckpointError(f"{where}: missing tensor '{missing[0]}'{more}")
+    return located
 
 
 def _checkpoint_files(path):
-    """[(file, tensor names the index places in it)], and the file to name in 'missing tensor' errors."""
+    """[(safetensors file, tensor names the index places in it)]."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        shards = {}
-        weight_map = json.loads(index.read_text()).get("weight_map")
+        try:
+            weight_map = json.loads(index.read_text()).get("weight_map")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+            raise CheckpointError(f"{index}: not a valid index ({e})") from None
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index}: no 'weight_map'")
+        shards = {}
         for name, shard in weight_map.items():
             shards.setdefault(shard, []).append(name)
-        for shard in shards:
+        for shard, names in shards.items():
             if not (path / shard).is_file():
-                raise CheckpointError(f"{index}: shard '{shard}' is missing")
-        return [(path / shard, names) for shard, names in shards.items()], index
+                raise CheckpointError(f"{index}: shard '{shard}' is missing (it holds '{names[0]}' and {len(names) - 1} more)")
+        return [(path / shard, names) for shard, names in shards.items()]
     if (path / "model.safetensors").is_file():
-        return [(path / "model.safetensors", [])], path / "model.safetensors"
+        return [(path / "model.safetensors", [])]
     raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+def read_safetensors_header(file):
+    """{tensor name: (dtype, shape)} from a safetensors file's header: an 8-byte little-endian length,
+    then that many bytes of JSON giving each tensor's dtype, shape and byte range in the data that follows.
+    A truncated file (an interrupted download or copy) is caught here, by its last byte range."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if size < 8 or n > size - 8 or n > 100 * 2**20:
+            raise CheckpointError(f"{file}: not a safetensors file (header of {n} bytes in a file of {size})")
+        try:
+            header = json.loads(f.read(n))
+            header.pop("__metadata__", None)
+            tensors = {name: (h["dtype"], tuple(int(x) for x in h["shape"]), int(h["data_offsets"][1]))
+                       for name, h in header.items()}
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise CheckpointError(f"{file}: the safetensors header does not parse ({type(e).__name__}: {e})") from None
+    if tensors:
+        name, (_, _, end) = max(tensors.items(), key=lambda item: item[1][2])
+        if 8 + n + end > size:
+            raise CheckpointError(f"{file}: truncated: tensor '{name}' ends at byte {8 + n + end}, the file has {size}")
+    return {name: (dtype, shape) for name, (dtype, shape, _) in tensors.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# writing checkpoint folders
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "chat_template.jinja", "generation_config.json")  # copied so the folder is complete
+_crash_calls = 0
+
+
+def crash_point():
+    """Test hook: with MPPO_CRASH_AFTER=N in the environment, the N-th call in this process kills it
+    with SIGKILL, so tests can stop a save at every step between its files and renames."""
+    global _crash_calls
+    if "MPPO_CRASH_AFTER" in os.environ:
+        _crash_calls += 1
+        if _crash_calls == int(os.environ["MPPO_CRASH_AFTER"]):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+@contextmanager
+def atomic_dir(path):
+    """Yield the empty folder <path>.tmp to write into; on success it becomes path (an existing path is
+    moved to <path>.old first and removed after), on an exception it is removed. The names are fixed, so a
+    process killed at any moment leaves path complete (old or new) or repairable by clean_stale."""
+    path = Path(path)
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    _repair(path)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        crash_point()
+        if path.exists():
+            path.rename(old)
+            crash_point()
+        tmp.rename(path)
+        crash_point()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not path.exists():  # failed between the two renames: put the old one back
+            old.rename(path)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _repair(path, tmp_name=None, old_name=None):
+    """Undo what a crash inside atomic_dir(path) left: remove the temporary folder; an old folder
+    is the complete previous version: restore it if path is gone, else remove it."""
+    tmp = path.with_name(tmp_name or path.name + ".tmp")
+    old = path.with_name(old_name or path.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if old.is_dir() and not path.exists():
+        old.rename(path)
+        return [f"restored {path.name} from {old.name}"]
+    shutil.rmtree(old, ignore_errors=True)
+    return []
+
+
+def clean_stale(folder):
+    """Repair what crashed saves left in folder: NAME.tmp removed, NAME.old restored as NAME if NAME is
+    missing (else removed), and the same for hidden .NAME.tmp-PID / .NAME.old-PID folders of older
+    versions of this code. Returns a line for each folder restored."""
+    restored = []
+    for entry in sorted(Path(folder).iterdir()):
+        if not entry.is_dir():
+            continue
+        if entry.suffix in (".tmp", ".old") and entry.exists():
+            restored += _repair(entry.with_suffix(""))
+        elif m := re.fullmatch(r"\.(.+)\.(tmp|old)-(\d+)", entry.name):
+            name, pid = m[1], m[3]
+            restored += _repair(entry.with_name(name), f".{name}.tmp-{pid}", f".{name}.old-{pid}")
+    return restored
+
+
+def write_checkpoint(folder, config, state, source_dir=None, dtype=None, max_shard_size=5 * 1024**3):
+    """Write state (a Llama state dict) into the existing folder as HF shards + index, config.json, and
+    source_dir's tokenizer / generation files; tensors cast to dtype if given."""
+    folder, dtype = Path(folder), as_torch_dtype(dtype)
+    if config.tie_word_embeddings:
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+    item_size = dtype.itemsize if dtype is not None else None
+    shards, size = [[]], 0  # consecutive tensors, at most max_shard_size bytes per shard
+    for name, t in state.items():
+        nbytes = t.numel() * (item_size or t.element_size())
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards, size = shards + [[]], 0
+        shards[-1].append(name)
+        size += nbytes
+    weight_map, total_size = {}, 0
+    for i, names in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {n: state[n].detach().to("cpu", dtype).contiguous() for n in names}
+        save_file(tensors, folder / file, metadata={"format": "pt"})
+        crash_point()
+        weight_map.update({n: file for n in names})
+        total_size += sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    crash_point()
+    written = dtype or next(iter(state.values())).dtype
+    config_dict = {**config.to_dict(), "torch_dtype": str(written).removeprefix("torch.")}
+    (folder / "config.json").write_text(json.dumps(config_dict, indent=2) + "\n")
+    crash_point()
+    for name in TOKENIZER_FILES if source_dir is not None else ():
+        if (Path(source_dir) / name).is_file():
+            shutil.copy2(Path(source_dir) / name, folder / name)
+            crash_point()
 
 
 # ----------------------------------------------------------------------------------------------
