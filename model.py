@@ -279,7 +279,8 @@ class Llama(nn.Module):
             raise FileNotFoundError(f"{path}: no such checkpoint folder")
         config = LlamaConfig.from_json(path / "config.json")
         if config.ignored_keys and not (dist.is_available() and dist.is_initialized() and dist.get_rank() > 0):
-            print(f"{path / 'config.json'}: ignoring {', '.join(config.ignored_keys)} (transformers does not read them either)")
+            print(f"{path / 'config.json'}: ignoring {', '.join(config.ignored_keys)} "
+                  "(transformers does not read them either)")
         with torch.device("meta"):  # no memory until the real tensors are assigned below
             model = cls(config)
         # one tensor at a time, straight into its final dtype/device: no second copy of the model
@@ -293,7 +294,8 @@ class Llama(nn.Module):
         model.source_dir = str(path)
         return model
 
-    def save_pretrained(self, path, source_dir=None, state_dict=None, dtype=None, atomic=True, max_shard_size=5 * 1024**3):
+    def save_pretrained(self, path, source_dir=None, state_dict=None, dtype=None, atomic=True,
+                        max_shard_size=5 * 1024**3):
         """Write a HF checkpoint folder: safetensors shards + index, config.json, and the tokenizer /
         generation files of source_dir (default: the folder this model was loaded from).
         state_dict: a full (gathered) state dict when the model is sharded, e.g. under FSDP.
@@ -404,10 +406,11 @@ def _parse_rope(d, source):
                     raise ConfigError(f"{source}: '{key}.{k}' is missing (required by rope_type 'llama3')")
                 scaling[k] = _typed(source, f"{key}.{k}", rope.pop(k), NUMBER)
             # transformers falls back to max_position_embeddings as well
-            scaling["original_max_position_embeddings"] = _typed(
-                source, f"{key}.original_max_position_embeddings", rope.pop("original_max_position_embeddings", max_pos), POSITIVE)
+            k = "original_max_position_embeddings"
+            scaling[k] = _typed(source, f"{key}.{k}", rope.pop(k, max_pos), POSITIVE)
         elif rope_type != "default":  # linear, dynamic, yarn, longrope, ...: other position encodings
-            raise ConfigError(f"{source}: '{key}.rope_type' is {rope_type!r}; only 'default' and 'llama3' are supported")
+            raise ConfigError(f"{source}: '{key}.rope_type' is {rope_type!r}; "
+                              "only 'default' and 'llama3' are supported")
         if rope:
             raise ConfigError(f"{source}: unsupported key '{key}.{next(iter(rope))}' for rope_type {rope_type!r}")
         return theta, scaling
@@ -483,7 +486,8 @@ def _locate_tensors(path, config):
             if name in located:
                 raise CheckpointError(f"{file}: tensor '{name}' also appears in {located[name].name}")
             if shape != expected[name]:
-                raise CheckpointError(f"{file}: tensor '{name}' has shape {shape}, config.json implies {expected[name]}")
+                raise CheckpointError(f"{file}: tensor '{name}' has shape {shape}, "
+                                      f"config.json implies {expected[name]}")
             if dtype not in SAFETENSORS_FLOATS:
                 raise CheckpointError(f"{file}: tensor '{name}' is stored as {dtype}; expected one of "
                                       f"{', '.join(SAFETENSORS_FLOATS)} (quantized weights are not supported)")
@@ -491,7 +495,7 @@ def _locate_tensors(path, config):
     missing = [name for name in expected if name not in located]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        where = path / ("model.safetensors.index.json" if (path / "model.safetensors.index.json").is_file() else "model.safetensors")
+        where = next(f for f in (path / "model.safetensors.index.json", path / "model.safetensors") if f.is_file())
         raise CheckpointError(f"{where}: missing tensor '{missing[0]}'{more}")
     return located
 
@@ -511,7 +515,8 @@ def _checkpoint_files(path):
             shards.setdefault(shard, []).append(name)
         for shard, names in shards.items():
             if not (path / shard).is_file():
-                raise CheckpointError(f"{index}: shard '{shard}' is missing (it holds '{names[0]}' and {len(names) - 1} more)")
+                raise CheckpointError(f"{index}: shard '{shard}' is missing "
+                                      f"(it holds '{names[0]}' and {len(names) - 1} more)")
         return [(path / shard, names) for shard, names in shards.items()]
     if (path / "model.safetensors").is_file():
         return [(path / "model.safetensors", [])]

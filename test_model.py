@@ -20,8 +20,8 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 import model as model_module
-from model import (CheckpointError, ConfigError, Llama, LlamaConfig, atomic_dir, check_pretrained, clean_stale, generate,
-                   sample_token)
+from model import (CheckpointError, ConfigError, Llama, LlamaConfig, atomic_dir, check_pretrained, clean_stale,
+                   generate, sample_token)
 
 transformers.logging.set_verbosity_error()
 
@@ -110,12 +110,14 @@ CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "testdata", "
 # the model card / Hub page gives for the full-size model, and the sizes that shrink it to a tiny one
 # (the same query-heads-per-key/value-head ratio, and head_dim only where the original states it)
 HUB = {
-    "HuggingFaceTB--SmolLM2-135M-Instruct": (("is_llama_config", "rope_interleaved", "transformers.js_config"),
-                                             134_515_008, dict(hidden_size=96, num_attention_heads=6, num_key_value_heads=2)),
-    "meta-llama--Llama-3.1-8B-Instruct": ((), 8_030_261_248, dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=1)),
+    "HuggingFaceTB--SmolLM2-135M-Instruct": (("is_llama_config", "rope_interleaved", "transformers.js_config"), 134_515_008,
+                                             dict(hidden_size=96, num_attention_heads=6, num_key_value_heads=2)),
+    "meta-llama--Llama-3.1-8B-Instruct": ((), 8_030_261_248,
+                                          dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=1)),
     "meta-llama--Llama-3.2-1B-Instruct": ((), 1_235_814_400, dict(hidden_size=64, num_attention_heads=4,
                                                                    num_key_value_heads=1, head_dim=16)),
-    "TinyLlama--TinyLlama-1.1B-Chat-v1.0": ((), 1_100_048_384, dict(hidden_size=128, num_attention_heads=8, num_key_value_heads=1)),
+    "TinyLlama--TinyLlama-1.1B-Chat-v1.0": ((), 1_100_048_384,
+                                            dict(hidden_size=128, num_attention_heads=8, num_key_value_heads=1)),
     "princeton-nlp--Llama-3-Base-8B-SFT": (("_name_or_path",), 8_030_261_248,
                                            dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=1)),
 }
@@ -146,7 +148,8 @@ def test_hub_configs(tmp_path, capsys, name):
             p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g) if "norm" in n else
                     2 * torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
     state = {k: v for k, v in hf.state_dict().items() if not (hf_config.tie_word_embeddings and k == "lm_head.weight")}
-    save_file({k: v.to(torch.bfloat16) for k, v in state.items()}, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    state = {k: v.to(torch.bfloat16) for k, v in state.items()}  # stored as the Hub stores them
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     capsys.readouterr()
     ours = Llama.from_pretrained(tmp_path)
@@ -440,12 +443,14 @@ def test_save_not_atomic_writes_in_place(tmp_path):
     assert torch.equal(Llama.from_pretrained(tmp_path / "ckpt").lm_head.weight, model.lm_head.weight)
 
 
-CRASH_CONFIG = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+CRASH_SIZES = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+CRASH_CONFIG = LlamaConfig(**CRASH_SIZES)
 CRASH_SAVE = f"""
 import sys, torch
 from model import Llama, LlamaConfig
 torch.manual_seed(1)
-Llama(LlamaConfig(**{CRASH_CONFIG.__dict__!r})).save_pretrained(sys.argv[1], source_dir=sys.argv[2], max_shard_size=60_000)
+model = Llama(LlamaConfig(**{CRASH_SIZES!r}))
+model.save_pretrained(sys.argv[1], source_dir=sys.argv[2], max_shard_size=60_000)
 """
 
 
@@ -482,7 +487,8 @@ def test_killed_save_never_leaves_half_a_checkpoint(tmp_path):
                 assert os.listdir(out.parent) == ["ckpt"]
             if out.exists():
                 weights = Llama.from_pretrained(out).state_dict()
-                which = [s for s, m in models.items() if all(torch.equal(weights[n], w) for n, w in m.state_dict().items())]
+                which = [s for s, m in models.items()
+                         if all(torch.equal(weights[n], w) for n, w in m.state_dict().items())]
                 assert len(which) == 1 and (out / "tokenizer.json").exists()
                 states.append(which[0])
             else:
@@ -535,11 +541,14 @@ REFUSED = {  # case: (change to BASE_CONFIG, what the message must say: the key,
     "gqa-heads": (dict(num_key_value_heads=3), "'num_key_value_heads'"),
     "missing-size": (dict(hidden_size=None), "'hidden_size'"),
     "rope-type-new": (dict(rope_parameters=dict(rope_type="yarn", factor=4.0)), "'rope_parameters.rope_type' is 'yarn'"),
-    "rope-type-old": (dict(rope_parameters=None, rope_scaling=dict(type="linear", factor=2.0)), "'rope_scaling.rope_type' is 'linear'"),
-    "rope-dynamic": (dict(rope_parameters=None, rope_scaling=dict(type="dynamic", factor=2.0)), "'rope_scaling.rope_type' is 'dynamic'"),
+    "rope-type-old": (dict(rope_parameters=None, rope_scaling=dict(type="linear", factor=2.0)),
+                      "'rope_scaling.rope_type' is 'linear'"),
+    "rope-dynamic": (dict(rope_parameters=None, rope_scaling=dict(type="dynamic", factor=2.0)),
+                     "'rope_scaling.rope_type' is 'dynamic'"),
     "rope-longrope": (dict(rope_parameters=None, rope_scaling=dict(rope_type="longrope", long_factor=[1.0], short_factor=[1.0])),
                       "'rope_scaling.rope_type' is 'longrope'"),
-    "rope-yarn-old": (dict(rope_parameters=None, rope_scaling=dict(rope_type="yarn", factor=4.0)), "'rope_scaling.rope_type' is 'yarn'"),
+    "rope-yarn-old": (dict(rope_parameters=None, rope_scaling=dict(rope_type="yarn", factor=4.0)),
+                      "'rope_scaling.rope_type' is 'yarn'"),
     "rope-string-theta": (dict(rope_parameters=None, rope_theta="10000"), "'rope_theta' is '10000'"),
     "rope-missing-factor": (dict(rope_parameters=dict(rope_type="llama3", low_freq_factor=1.0, high_freq_factor=4.0)),
                             "'rope_parameters.factor'"),
@@ -591,7 +600,8 @@ def test_ignored_keys(tmp_path, capsys):
 
 def test_accepted_config_spellings():
     """Old keys (rope_theta + rope_scaling with 'type'), new rope_parameters, and both at once when they
-    agree, all give the same config; null values count as absent."""
+    agree, all give the same config; null values count as absent; unusual spellings of the fixed values
+    transformers accepts are accepted."""
     old = {**BASE_CONFIG, "rope_parameters": None, "rope_theta": 10000.0, "torch_dtype": "bfloat16",
            "rope_scaling": {k if k != "rope_type" else "type": v for k, v in LLAMA3.items() if k != "rope_theta"}}
     both = {**BASE_CONFIG, "rope_theta": 10000.0, "head_dim": None, "pad_token_id": None}
@@ -601,6 +611,8 @@ def test_accepted_config_spellings():
                                        "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
     assert (configs[0].head_dim, configs[0].num_key_value_heads) == (16, 2)
     assert LlamaConfig.from_dict(configs[0].to_dict()) == configs[0]
+    # transformers computes "swish" as SiLU, and an integer 0 dropout is no dropout
+    assert LlamaConfig.from_dict({**BASE_CONFIG, "hidden_act": "swish", "attention_dropout": 0}) == configs[1]
 
 
 def _rewrite(file, edit):
