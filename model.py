@@ -51,9 +51,9 @@ class LlamaConfig:
     rope_scaling: dict | None = None  # None, or {"rope_type": "llama3", "factor", "low_freq_factor",
     #                                   "high_freq_factor", "original_max_position_embeddings"} (Llama 3.1+)
     tie_word_embeddings: bool = False  # lm_head reuses embed_tokens.weight (Llama 3.2 1B/3B, SmolLM2)
-    bos_token_id: int | None = None  # token ids are carried through to config.json, not used here
-    eos_token_id: int | list[int] | None = None
-    pad_token_id: int | None = None
+    bos_token_id: int | None = None  # token ids: carried through to config.json, not used by the model
+    eos_token_id: int | list[int] | None = None  # a list where generation stops at any of several (Llama 3.1+)
+    pad_token_id: int | None = None  # often unset; padded positions are masked, so its value never matters here
     # how the weights are stored ("bfloat16", ...), not what the model computes in, so two configs that
     # differ only here (or in ignored_keys) describe the same model and compare equal
     torch_dtype: str | None = field(default=None, compare=False)
