@@ -29,7 +29,6 @@ compare.py is run again) and, to --report (default: --out), results.md (the tabl
 and p_curves.png (needs matplotlib: pip install -r requirements-plot.txt; skipped without it).
 """
 
-import argparse
 import csv
 import json
 import os
@@ -40,13 +39,15 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
 
 import torch
 
 import train
+from cli import ArgumentParser
 from data import ChatTokenizer, read_groups, tokenize_groups
+from metrics import evaluate, generation_success
 from model import Llama, LlamaConfig
+from parallel import Replicated
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEMO = os.path.join(HERE, "demo")
@@ -71,13 +72,8 @@ SIZES = {
 }
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # one line instead of argparse's usage block
-        raise SystemExit(f"error: {message} (see python compare.py --help)")
-
-
 def parse_args(argv=None):
-    p = ArgumentParser(description="Train every MPPO variant and baseline with several seeds; tabulate and plot.",
+    p = ArgumentParser(prog="compare.py", description="Train every MPPO variant and baseline with several seeds; tabulate and plot.",
                        epilog="Any other flag is passed to train.py for every run (see python train.py --help).")
     a = p.add_argument
     a("--methods", nargs="+", default=METHODS, choices=METHODS, help="methods to train (default: all, in the paper's order)")
@@ -184,14 +180,13 @@ def evaluate_start(flags):
     args = train.parse_args(flags + ["--loss", "pair_mnm"])
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
-    tok = ChatTokenizer.from_pretrained(args.model, template=args.template)
+    tok = ChatTokenizer.from_pretrained(args.model, template=args.template, date_string=args.date_string)
     groups, _ = read_groups(args.eval_data, format=args.data_format)
     groups, _ = tokenize_groups(groups, tok, args.max_length, args.max_prompt_length, include_header=args.score_header)
     model = Llama.from_pretrained(args.model, device=device)
-    m = train.evaluate(model, groups, args, tok.pad_id, device, autocast, None)
+    m = evaluate(model, groups, train.make_loss(args, None), args, tok.pad_id, Replicated(device, dtype))
     if args.eval_generate:
-        m["gen_success"] = train.generation_success(model, tok, groups, args.eval_generate)
+        m["gen_success"] = generation_success(model, tok, groups, args.eval_generate)
     return m
 
 

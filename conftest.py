@@ -1,13 +1,20 @@
-"""Helpers shared by the test files that train or score a tiny Llama on the demo's data."""
+"""Helpers shared by the test files: tiny Llamas with the demo's tokenizer, the demo's data, and
+train.py run in this process or as a user runs it."""
 
 import json
 import os
+import subprocess
+import sys
 
+import pytest
 import torch
+from safetensors.torch import load_file
 
 from model import Llama, LlamaConfig
 
-DEMO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo")
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+DEMO = os.path.join(HERE, "demo")
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16)
 
 
@@ -28,3 +35,53 @@ def copy_demo_rows(name, n, path):
         g.writelines(f.readlines()[:n])
     return path
 
+
+
+def weights(folder):
+    """Every tensor of a Hugging Face folder's *.safetensors files, by name."""
+    out = {}
+    for f in sorted(os.listdir(folder)):
+        if f.endswith(".safetensors"):
+            out.update(load_file(os.path.join(folder, f)))
+    return out
+
+
+def records(out, split=None):
+    """The records of OUT/metrics.jsonl, only those of one split ("train", "eval") if given."""
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if split is None or r["split"] == split]
+
+
+def run(*argv):
+    """train.py in this process (fast: no interpreter start-up, no re-import of torch)."""
+    import train
+
+    return train.train(train.parse_args([str(a) for a in argv]))
+
+
+def run_cli(*argv, nproc=None, cwd=HERE, env=None, script="train.py"):
+    """A script as a user runs it: `python train.py ...`, or torchrun with nproc processes."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc else [sys.executable]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(launcher + [os.path.join(HERE, script)] + [str(a) for a in argv], capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+
+
+@pytest.fixture(scope="session")
+def setup(tmp_path_factory):
+    """A tiny Llama with the demo's tokenizer, briefly fine-tuned on the demo's SFT rows (so its
+    rewards p are far from 0, where p-based losses have gradients), and 128 preference groups."""
+    root = tmp_path_factory.mktemp("train")
+    save_demo_llama(root / "init", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    for name, n in (("sft.jsonl", 640), ("train.jsonl", 128)):
+        copy_demo_rows(name, n, root / name)
+    sft = run("--model", root / "init", "--data", root / "sft.jsonl", "--loss", "sft", "--out", root / "sft", "--batch_size", 32,
+              "--micro_batch_size", 32, "--lr", 3e-3, "--max_length", 64, "--max_prompt_length", 32, "--log_every", 100)
+    return {"root": root, "model": sft, "data": root / "train.jsonl"}
+
+
+def common(setup, out, **overrides):
+    """train.py flags of a short run on setup's model and data; overrides replace or add flags."""
+    args = {"--model": setup["model"], "--data": setup["data"], "--out": out, "--batch_size": 16, "--micro_batch_size": 4,
+            "--lr": 1e-3, "--max_length": 64, "--max_prompt_length": 32, "--log_every": 1, "--warmup_ratio": 0.0, "--seed": 0}
+    args.update(overrides)
+    return [x for kv in args.items() for x in kv]

@@ -3,7 +3,7 @@ Evaluate a checkpoint the two ways the field does.
 
 1. Reward ranking on held-out groups (--data): the model's reward of each response is the
    paper's p = exp(mean token log-prob), computed with the same code path as training
-   (train.make_batch, packing.response_logps). Reported: mean p of the chosen and of the
+   (packing.make_batch, packing.response_logps). Reported: mean p of the chosen and of the
    rejected responses, top-1 accuracy (the best-scored response has the highest p), pairwise
    accuracy (share of scored pairs that p orders the same way) and Kendall's tau-b between p
    and the scores (per group, averaged over groups where it is defined), each with a
@@ -28,7 +28,6 @@ Both parts spread over GPUs with torchrun (each rank takes a share; rank 0 write
 $ torchrun --standalone --nproc_per_node 8 eval.py --model ... --generate question.jsonl --answers ...
 """
 
-import argparse
 import json
 import os
 import time
@@ -39,10 +38,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data import TEMPLATES, ChatTokenizer, micro_batches, read_groups, tokenize_groups
+from cli import ArgumentParser, fail
+from data import ChatTokenizer, data_files, micro_batches, read_groups, tokenize_groups
+from metrics import SUMS, kendall_tau_b, ranking_metrics, ranking_sums
 from model import Llama, generate
-from packing import response_logps
-from train import SUMS, make_batch, ranking_metrics, ranking_sums
+from packing import make_batch, response_logps
+from parallel import all_gather, setup_distributed
 
 METRICS = ["p_chosen", "p_rejected", "margin", "top1_acc", "pair_acc", "kendall_tau"]
 
@@ -50,27 +51,8 @@ METRICS = ["p_chosen", "p_rejected", "margin", "top1_acc", "pair_acc", "kendall_
 # reward-ranking metrics
 
 
-def kendall_tau_b(x, y, mask=None):
-    """(B,) Kendall's tau-b between x (B, K) and y (B, K) over each row's present entries:
-
-        tau_b = (concordant - discordant) / sqrt((n0 - ties_x) * (n0 - ties_y))
-
-    over the n0 = n (n - 1) / 2 pairs of a row of n entries; a pair tied in x or in y counts as
-    neither concordant nor discordant. NaN where undefined (all x or all y of a row equal)."""
-    if mask is None:
-        mask = torch.ones(x.shape, dtype=torch.bool, device=x.device)
-    K = x.shape[1]
-    upper = torch.ones(K, K, dtype=torch.bool, device=x.device).triu(diagonal=1)  # each pair once
-    pairs = mask[:, :, None] & mask[:, None, :] & upper  # (B, K, K)
-    dx = torch.sign(x[:, :, None] - x[:, None, :]).masked_fill(~pairs, 0)  # (B, K, K)
-    dy = torch.sign(y[:, :, None] - y[:, None, :]).masked_fill(~pairs, 0)
-    numer = (dx * dy).sum(dim=(1, 2)).double()
-    untied_x, untied_y = (dx != 0).sum(dim=(1, 2)).double(), (dy != 0).sum(dim=(1, 2)).double()
-    return numer / (untied_x * untied_y).sqrt()  # 0 / 0 = NaN where undefined
-
-
 def group_rows(logps, scores, mask):
-    """(B, len(SUMS) + 1) float64: each group's share of train.ranking_sums, then its Kendall tau-b
+    """(B, len(SUMS) + 1) float64: each group's share of metrics.ranking_sums, then its Kendall tau-b
     between log p (monotone in p, and free of p's underflow to 0) and the scores."""
     rows = [ranking_sums(logps[b : b + 1], scores[b : b + 1], mask[b : b + 1]) for b in range(len(logps))]
     tau = kendall_tau_b(logps.detach().float(), scores.float(), mask)
@@ -106,7 +88,7 @@ def bootstrap(rows, n, seed=0, level=0.95):
 @torch.no_grad()
 def score_groups(model, groups, micro_batch_size=16, max_tokens=None, layout="packed", chunk_size=1024, autocast=nullcontext()):
     """Rows (see group_rows) of every group, in order: mean log-probs of the responses through
-    train.make_batch and packing.response_logps, the path training takes."""
+    packing.make_batch and packing.response_logps, the path training takes."""
     device = model.model.embed_tokens.weight.device
     out = []
     for mb in micro_batches(groups, micro_batch_size, max_tokens):
@@ -213,15 +195,6 @@ def write_answers(path, fmt, records):
 # command line
 
 
-def gather(items, world):
-    """Every rank's list, concatenated in rank order (a no-op in one process)."""
-    if world == 1:
-        return items
-    out = [None] * world
-    dist.all_gather_object(out, items)
-    return [x for part in out for x in part]
-
-
 def interleave(parts, n):
     """Undo the rank::world split: parts[r] holds items r, r + world, ... of n items."""
     world, out = len(parts), [None] * n
@@ -232,12 +205,13 @@ def interleave(parts, n):
 
 def parse_args(argv=None):
     cuda = torch.cuda.is_available()
-    p = argparse.ArgumentParser(description="Reward-ranking metrics and benchmark answers of a checkpoint.")
+    p = ArgumentParser(prog="eval.py", description="Reward-ranking metrics and benchmark answers of a checkpoint.")
     a = p.add_argument
     a("--model", required=True, help="checkpoint folder (Hugging Face format: config.json, *.safetensors, tokenizer.json)")
-    a("--data", default=None, help="held-out preference groups (any format data.py reads) for the ranking metrics")
+    a("--data", nargs="+", default=None, help="held-out preference groups (files, folders or globs in any format data.py reads) for the ranking metrics")
     a("--data_format", default=None, help="override the detected data format")
-    a("--template", default=None, choices=TEMPLATES, help="chat template (default: detected from the checkpoint)")
+    a("--template", default=None, help="chat template: llama3, chatml, none or jinja (default: detected from the checkpoint)")
+    a("--date_string", default=None, help="the date Llama 3.2/3.3 chat templates print (default: today), as in training")
     a("--max_length", type=int, default=2048, help="longest prompt + response in tokens, as in training")
     a("--max_prompt_length", type=int, default=1800, help="longest prompt in tokens, as in training")
     a("--score_header", action="store_true", help="score the assistant header tokens too (use what training used)")
@@ -266,22 +240,16 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    distributed = "RANK" in os.environ
-    if distributed:
-        dist.init_process_group(backend="nccl" if args.device.startswith("cuda") else "gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    device = torch.device(args.device)
-    if distributed and device.type == "cuda":  # one GPU per process
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    for path in (args.data, args.generate):
-        if path and not os.path.isfile(path):
-            raise SystemExit(f"error: {path}: no such file")
+    rank, world, device = setup_distributed(args.device)
     try:
-        tok = ChatTokenizer.from_pretrained(args.model, template=args.template)
+        if args.data:
+            data_files(args.data)
+        if args.generate and not os.path.isfile(args.generate):
+            raise FileNotFoundError(f"{args.generate}: no such file")
+        tok = ChatTokenizer.from_pretrained(args.model, template=args.template, date_string=args.date_string)
         model = Llama.from_pretrained(args.model, dtype=torch.float32, device=device).eval()
     except (OSError, ValueError) as e:
-        raise SystemExit(f"error: {args.model}: {e}")
+        fail(e)
     dtype = getattr(torch, args.dtype)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     results = {}
@@ -291,13 +259,13 @@ def main(argv=None):
             groups, report = read_groups(args.data, format=args.data_format)
             groups, stats = tokenize_groups(groups, tok, args.max_length, args.max_prompt_length, include_header=args.score_header)
         except ValueError as e:
-            raise SystemExit(f"error: {e}")
+            fail(e)
         if rank == 0:
             print(f"{report.summary()}\n{stats.summary()}".rstrip())
         if not groups:
-            raise SystemExit(f"error: {args.data}: no usable group")
+            fail(f"{' '.join(args.data)}: no usable group")
         rows = score_groups(model, groups[rank::world], args.micro_batch_size, args.max_tokens, chunk_size=args.chunk_size, autocast=autocast)
-        rows = np.array(gather([list(r) for r in rows], world)) if world > 1 else rows  # group order does not matter here
+        rows = np.array([r for part in all_gather([list(r) for r in rows]) for r in part]) if world > 1 else rows  # group order does not matter here
         point = metrics_of(rows)
         ci = bootstrap(rows, args.bootstrap, args.seed, args.ci) if args.bootstrap else {}
         results = {"data": args.data, "groups": len(rows), "tau_groups": int((~np.isnan(rows[:, len(SUMS)])).sum()),
@@ -313,7 +281,7 @@ def main(argv=None):
         try:
             fmt, questions = read_questions(args.generate)
         except (OSError, QuestionError) as e:
-            raise SystemExit(f"error: {e}")
+            fail(e)
         model_id = args.model_id or os.path.basename(os.path.normpath(args.model))
         generator = torch.Generator(device).manual_seed(args.seed + rank)
         mine = []
@@ -323,9 +291,7 @@ def main(argv=None):
                 mine.append(answer_record(fmt, q, answer(model, tok, turns, args.max_new_tokens, args.temperature, args.top_p, generator), model_id))
             if rank == 0:
                 print(f"answered {i + 1}/{len(questions[rank::world])} on rank 0", end="\r", flush=True)
-        parts = [mine] if world == 1 else [None] * world
-        if world > 1:
-            dist.all_gather_object(parts, mine)
+        parts = all_gather(mine)
         if rank == 0:
             write_answers(args.answers, fmt, interleave(parts, len(questions)))
             print(f"\nwrote {len(questions)} {fmt} answers of {model_id} to {args.answers}")
@@ -334,7 +300,7 @@ def main(argv=None):
     if rank == 0 and args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=2)
-    if distributed:
+    if dist.is_initialized():
         dist.destroy_process_group()
     return results
 

@@ -37,8 +37,8 @@ runs flex_attention with a block mask (CUDA only: torch has no flex backward on 
 last two are callables the model invokes in place of SDPA, so they need a model.py that accepts
 one. 'auto' takes segments only where they skip enough work to pay for one call per segment
 (long groups: yes; the demo's 60-token groups: no, where sdpa trains 1.7x faster); that
-break-even was measured on CPU. On CUDA 'auto' stays with sdpa: none of the three has been
-timed on a GPU for this project yet, and sdpa is the path every GPU stack runs well.
+break-even is a CPU measurement (README). On CUDA 'auto' takes sdpa, the path every GPU stack
+runs well (README, "Speed and memory", says how to time the three on a GPU).
 
 response_logps never builds the (tokens, vocab) logits tensor, the largest memory cost of
 preference training (Llama 3 has a 128,256-word vocabulary): it takes the final hidden
@@ -252,6 +252,12 @@ def packed_batch(groups, max_row_tokens=None, pad_id=0):
     return layout.batch(groups, need_mask=need_mask, num_logical_tokens=_logical_tokens(groups))
 
 
+
+def make_batch(groups, layout="packed", pad_id=0, max_tokens=None):
+    """The Batch of a micro-batch of groups in either layout (max_tokens: row budget of 'packed')."""
+    return packed_batch(groups, max_row_tokens=max_tokens) if layout == "packed" else padded_batch(groups, pad_id)
+
+
 class _ChunkedTargetLogprobs(torch.autograd.Function):
     """log_softmax(h @ W^T)[target] per row, a chunk of rows at a time; backward recomputes the chunk.
 
@@ -416,7 +422,7 @@ def choose_attention(model, batch, attn_impl="auto"):
     """'causal', 'sdpa' (dense mask), 'segments' or 'flex' for this batch. 'auto': plain causal when
     the batch needs no mask; else, when the model accepts a callable in place of the mask (its class
     says `accepts_attention_fn = True`), on CPU segments where they skip enough masked work to pay
-    for their per-segment calls (SEGMENT_BREAK_EVEN), else sdpa; sdpa on CUDA (not yet timed there)."""
+    for their per-segment calls (SEGMENT_BREAK_EVEN), else sdpa; sdpa on CUDA."""
     if attn_impl not in ("auto", "sdpa", "segments", "flex"):
         raise ValueError(f"attn_impl must be 'auto', 'sdpa', 'segments' or 'flex', got {attn_impl!r}")
     inner = unwrap(model)
@@ -430,7 +436,7 @@ def choose_attention(model, batch, attn_impl="auto"):
         return attn_impl
     if not accepts:
         return "sdpa"
-    if batch.input_ids.device.type != "cpu":  # the break-even below is a CPU measurement
+    if batch.input_ids.device.type != "cpu":  # SEGMENT_BREAK_EVEN is a CPU measurement
         return "sdpa"
     width = inner.config.num_attention_heads * inner.config.head_dim
     skipped = batch.attn_mask.numel() - int(batch.attn_mask.sum())  # (query, key) pairs the mask hides

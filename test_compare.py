@@ -14,11 +14,7 @@ import sys
 import pytest
 
 import compare
-
-
-def records(run, split):
-    with open(os.path.join(run, "metrics.jsonl")) as f:
-        return [r for r in map(json.loads, f) if r["split"] == split]
+from conftest import records
 
 
 @pytest.fixture(scope="module")

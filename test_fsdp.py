@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from model import Llama
-from test_train import common, records, run, run_cli, setup, weights  # noqa: F401 (setup is the shared fixture)
+from conftest import common, records, run, run_cli, weights
 
 CLIP = 0.03  # below every step's gradient norm here (about 0.05), so clipping always acts
 

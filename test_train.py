@@ -8,66 +8,15 @@ against uninterrupted, checkpointing against none), and train.py's output agains
     python -m pytest test_train.py -q
 """
 
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-import train
-from conftest import copy_demo_rows, save_demo_llama
+from conftest import common, records, run, run_cli, weights
 from model import Llama
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 LOSS_NAMES = ["point_ce", "point_mse", "pair_single", "pair_mns", "pair_mnm", "pair_mcs", "pair_mcm", "list_mle"]
-
-
-def weights(folder):
-    out = {}
-    for f in sorted(os.listdir(folder)):
-        if f.endswith(".safetensors"):
-            out.update(load_file(os.path.join(folder, f)))
-    return out
-
-
-def records(out, split):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [r for r in map(json.loads, f) if r["split"] == split]
-
-
-def run(*argv):
-    """train.py in this process (fast: no interpreter start-up, no re-import of torch)."""
-    return train.train(train.parse_args([str(a) for a in argv]))
-
-
-def run_cli(*argv, nproc=None, cwd=HERE):
-    """train.py as a user runs it: `python train.py ...`, or torchrun with nproc processes."""
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc else [sys.executable]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(launcher + [os.path.join(HERE, "train.py")] + [str(a) for a in argv], capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """A tiny Llama with the demo's tokenizer, briefly fine-tuned on the demo's SFT rows (so its
-    rewards p are far from 0, where p-based losses have gradients), and 128 preference groups."""
-    root = tmp_path_factory.mktemp("train")
-    save_demo_llama(root / "init", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
-    for name, n in (("sft.jsonl", 640), ("train.jsonl", 128)):
-        copy_demo_rows(name, n, root / name)
-    sft = run("--model", root / "init", "--data", root / "sft.jsonl", "--loss", "sft", "--out", root / "sft", "--batch_size", 32,
-              "--micro_batch_size", 32, "--lr", 3e-3, "--max_length", 64, "--max_prompt_length", 32, "--log_every", 100)
-    return {"root": root, "model": sft, "data": root / "train.jsonl"}
-
-
-def common(setup, out, **overrides):
-    args = {"--model": setup["model"], "--data": setup["data"], "--out": out, "--batch_size": 16, "--micro_batch_size": 4,
-            "--lr": 1e-3, "--max_length": 64, "--max_prompt_length": 32, "--log_every": 1, "--warmup_ratio": 0.0, "--seed": 0}
-    args.update(overrides)
-    return [x for kv in args.items() for x in kv]
 
 
 @pytest.mark.parametrize("loss", LOSS_NAMES)
@@ -118,11 +67,11 @@ def test_resume_is_bit_identical(setup, tmp_path):
     args = common(setup, tmp_path / "full", **{"--loss": "pair_single", "--max_steps": 6, "--save_every": 3, "--save_total_limit": 5})
     run(*args)
     full = tmp_path / "full"
-    assert sorted(os.listdir(full)) == ["checkpoint-3", "final", "metrics.jsonl"]
+    assert sorted(os.listdir(full)) == ["args.json", "checkpoint-3", "final", "metrics.jsonl"]
     cut = tmp_path / "cut"
     cut.mkdir()
     os.rename(full / "checkpoint-3", cut / "checkpoint-3")
-    (cut / "checkpoint-9.tmp").mkdir()  # a half-written checkpoint must be ignored
+    (cut / "checkpoint-9.tmp").mkdir()  # a half-written checkpoint must be ignored (and is removed)
     run(*args, "--out", cut, "--resume")
     a, b = weights(full / "final"), weights(cut / "final")
     for k in a:
@@ -134,7 +83,7 @@ def test_resume_is_bit_identical(setup, tmp_path):
 def test_save_total_limit_keeps_newest(setup, tmp_path):
     """With --save_total_limit 2, only the two newest checkpoints remain."""
     run(*common(setup, tmp_path / "s", **{"--loss": "pair_mnm", "--max_steps": 4, "--save_every": 1, "--save_total_limit": 2}))
-    assert sorted(os.listdir(tmp_path / "s")) == ["checkpoint-2", "checkpoint-3", "final", "metrics.jsonl"]
+    assert sorted(os.listdir(tmp_path / "s")) == ["args.json", "checkpoint-2", "checkpoint-3", "final", "metrics.jsonl"]
 
 
 def test_adam_betas_reach_the_optimizer(setup, tmp_path):
@@ -142,8 +91,8 @@ def test_adam_betas_reach_the_optimizer(setup, tmp_path):
     it matters: the weights after two steps differ from those of the default betas."""
     run(*common(setup, tmp_path / "a", **{"--loss": "pair_mnm", "--max_steps": 2}))
     run(*common(setup, tmp_path / "b", **{"--loss": "pair_mnm", "--max_steps": 2, "--save_every": 1}), "--adam_betas", 0.5, 0.9)
-    state = torch.load(tmp_path / "b" / "checkpoint-1" / "trainer_state.pt", weights_only=False)
-    assert {tuple(g["betas"]) for g in state["optimizer"]["param_groups"]} == {(0.5, 0.9)}
+    state = torch.load(tmp_path / "b" / "checkpoint-1" / "optimizer.pt", weights_only=True)
+    assert {tuple(g["betas"]) for g in state["param_groups"]} == {(0.5, 0.9)}
     a, b = weights(tmp_path / "a" / "final"), weights(tmp_path / "b" / "final")
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
