@@ -11,6 +11,13 @@ sorts them. A model fine-tuned on them learns both behaviours and mostly copies.
 preference groups hold 3 to 5 responses per prompt (a sorted answer and assorted
 mistakes) with 1-10 scores, as a judge would give them; MPPO must teach the model to
 prefer the sorted answer it already knows how to write.
+
+The judge ties, as GPT-4's 1-10 scores in UltraFeedback often do: in TOP_TIE_SHARE of the groups
+a second correct answer written differently ("a, a, c, d") also gets 10, and the judge's coarse
+scale gives two different mistakes the same score in many groups (a lost letter and a swapped
+pair both 5; the reversed list and the lazy copy both 2). Four files: sft.jsonl (demonstrations),
+train.jsonl (preference groups), valid.jsonl (held-out groups for choosing hyperparameters,
+e.g. compare.py's learning rate) and eval.jsonl (held-out groups for reporting only).
 """
 
 import json
@@ -32,6 +39,12 @@ CHAT_TEMPLATE = (
 # Llama 3's pre-tokenizer split: digits apart from the spaces before them, newlines on their own
 LLAMA3_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 SFT_SORTED_SHARE = 0.3  # share of SFT demonstrations that sort; the rest copy the input
+# Share of preference groups with two different answers tied for the best score. UltraFeedback's
+# exact share is not measured here (no download); about 20% is assumed for its four GPT-4-scored
+# responses per prompt on a 1-10 scale, where two good answers often both get 8, 9 or 10.
+TOP_TIE_SHARE = 0.2
+MIDDLE_TIE_SHARE = 0.5  # share of mistakes the judge scores one step coarser, so that some tie
+N_SFT, N_TRAIN, N_EVAL, N_VALID = 6000, 2400, 300, 300
 
 
 LETTERS = "abcdefghij"
@@ -50,15 +63,18 @@ def show(xs):
 
 
 def mistakes(xs, rng):
-    """Wrong answers to 'sort xs', each with the score a judge would give it (1-10)."""
+    """Wrong answers to 'sort xs', each with the score a judge would give it (1-10). The judge is
+    coarse: with probability MIDDLE_TIE_SHARE a reversed list scores like the lazy copy (2), and
+    a swapped pair like a lost letter (5), so distinct mistakes often tie."""
     s = sorted(xs)
+    coarse = lambda: rng.random() < MIDDLE_TIE_SHARE  # noqa: E731
     out = {show(xs): 2}  # lazy: the input copied unsorted
     if s[::-1] != s:
-        out.setdefault(show(s[::-1]), 3)  # sorted the wrong way round
+        out.setdefault(show(s[::-1]), 2 if coarse() else 3)  # sorted the wrong way round
     i = rng.randrange(len(s) - 1)
     swapped = s[:i] + [s[i + 1], s[i]] + s[i + 2 :]
     if swapped != s:
-        out.setdefault(show(swapped), 6)  # almost sorted: two neighbours swapped
+        out.setdefault(show(swapped), 5 if coarse() else 6)  # almost sorted: two neighbours swapped
     dropped = s[:i] + s[i + 1 :]
     out.setdefault(show(dropped), 5)  # sorted, but a letter lost
     shuffled = xs[:]
@@ -70,13 +86,15 @@ def mistakes(xs, rng):
 
 
 def preference_group(xs, rng):
-    """One prompt, the sorted answer (score 10) and 2 to 4 mistakes, in random order."""
+    """One prompt, the sorted answer (score 10), in TOP_TIE_SHARE of the groups also the sorted
+    answer with commas (score 10 too: a tie at the top), and 2 to 4 mistakes, in random order."""
     wrong = mistakes(xs, rng)
     copy = show(xs)
     others = [r for r in wrong if r != copy]
     rng.shuffle(others)
     keep = [copy] + others[: rng.randint(1, 3)]  # the lazy copy is always there: it is what the SFT model does
-    rows = [(show(sorted(xs)), 10.0)] + [(r, float(wrong[r])) for r in keep]
+    best = [show(sorted(xs))] + ([", ".join(sorted(xs))] if rng.random() < TOP_TIE_SHARE else [])
+    rows = [(r, 10.0) for r in best] + [(r, float(wrong[r])) for r in keep]
     rng.shuffle(rows)
     return {"prompt": f"sort {show(xs)}", "responses": [r for r, _ in rows], "scores": [s for _, s in rows]}
 
@@ -113,19 +131,25 @@ def build_tokenizer(texts):
 
 def main(out=HERE, seed=0):
     rng = random.Random(seed)
-    seen, prompts = set(), []
-    while len(prompts) < 6000 + 2400 + 300:
-        xs = letters_prompt(rng)
-        if tuple(xs) not in seen:  # every prompt once: eval prompts are never trained on
-            seen.add(tuple(xs))
-            prompts.append(xs)
-    sft = [sft_row(xs, rng) for xs in prompts[:6000]]
-    train = [preference_group(xs, rng) for xs in prompts[6000:8400]]
-    evals = [preference_group(xs, rng) for xs in prompts[8400:]]
+    seen = set()
+
+    def new_prompts(n):  # every prompt once: held-out prompts are never trained on
+        drawn = []
+        while len(drawn) < n:
+            xs = letters_prompt(rng)
+            if tuple(xs) not in seen:
+                seen.add(tuple(xs))
+                drawn.append(xs)
+        return drawn
+
+    prompts = new_prompts(N_SFT + N_TRAIN + N_EVAL)
+    sft = [sft_row(xs, rng) for xs in prompts[:N_SFT]]
+    train = [preference_group(xs, rng) for xs in prompts[N_SFT : N_SFT + N_TRAIN]]
+    evals = [preference_group(xs, rng) for xs in prompts[N_SFT + N_TRAIN :]]
+    valid = [preference_group(xs, rng) for xs in new_prompts(N_VALID)]
     os.makedirs(out, exist_ok=True)
-    write_jsonl(os.path.join(out, "sft.jsonl"), sft)
-    write_jsonl(os.path.join(out, "train.jsonl"), train)
-    write_jsonl(os.path.join(out, "eval.jsonl"), evals)
+    for name, rows in (("sft", sft), ("train", train), ("valid", valid), ("eval", evals)):
+        write_jsonl(os.path.join(out, f"{name}.jsonl"), rows)
 
     texts = ["user\n\n", "assistant\n\n", "system\n\n"] + [r["prompt"] for r in train] + [x for r in train for x in r["responses"]]
     tok = build_tokenizer(texts)
@@ -169,7 +193,9 @@ def main(out=HERE, seed=0):
     }
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
-    print(f"wrote the demo to {out}: {len(sft)} SFT rows, {len(train)} train groups, {len(evals)} eval groups, vocab {config['vocab_size']}")
+    top_ties = sum(sorted(r["scores"])[-2] == 10.0 for r in train) / len(train)
+    print(f"wrote the demo to {out}: {len(sft)} SFT rows, {len(train)} train groups ({top_ties:.0%} tied at the top), "
+          f"{len(valid)} valid groups, {len(evals)} eval groups, vocab {config['vocab_size']}")
 
 
 if __name__ == "__main__":
