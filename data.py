@@ -40,7 +40,6 @@ Uses tokenizers, numpy and the standard library: no torch, no transformers. The 
 in test_data.py); any other template is rendered with jinja2 when it is installed.
 """
 
-import argparse
 import glob
 import gzip
 import json
@@ -56,6 +55,8 @@ from functools import partial
 
 import numpy as np
 from tokenizers import Tokenizer
+
+from cli import ArgumentParser
 
 # -----------------------------------------------------------------------------
 # Reading groups
@@ -913,7 +914,7 @@ def _cut_prompt(text: str, bound: int, bos: str | None) -> str:
 
 def tokenize_groups(groups: list[Group], tok: ChatTokenizer, max_length: int | None, max_prompt_length: int | None,
                     min_responses: int = 2, include_header: bool = False,
-                    require_preference: bool = True) -> tuple[list[TokenizedGroup], Report]:
+                    require_preference: bool = True, progress=None) -> tuple[list[TokenizedGroup], Report]:
     """Tokenize groups and cut them to max_length tokens per prompt + response, prompts to
     max_prompt_length (None: no limit of their own, so a prompt that fills max_length skips its
     group). With include_header=True the assistant header moves from the prompt to every response.
@@ -921,7 +922,8 @@ def tokenize_groups(groups: list[Group], tok: ChatTokenizer, max_length: int | N
 
     A text far longer than its budget (a 50 MB line) is first cut to a character bound (_char_bound:
     prompts keep their end, responses their beginning), so tokenizing it costs memory in proportion to
-    the budget, not to the text; the tokens kept are the same as without the cut."""
+    the budget, not to the text; the tokens kept are the same as without the cut.
+    progress(done, total), if given, is called after each chunk of texts is encoded."""
     if max_prompt_length is not None and max_prompt_length < 1:
         raise ValueError(f"max_prompt_length must be positive, got {max_prompt_length}")
     report = Report(source=f"tokenized to max_length {max_length}, max_prompt_length {max_prompt_length}")
@@ -943,8 +945,13 @@ def tokenize_groups(groups: list[Group], tok: ChatTokenizer, max_length: int | N
             rs = [r[:response_bound] for r in rs]
         prompts.append(p)
         responses += rs
-    prompt_ids = tok.encode_many(prompts)
-    response_ids = tok.encode_many(responses)
+    texts, chunk = prompts + responses, 8192
+    ids = []
+    for start in range(0, len(texts), chunk):
+        ids += tok.encode_many(texts[start:start + chunk])
+        if progress is not None:
+            progress(len(ids), len(texts))
+    prompt_ids, response_ids = ids[:len(prompts)], ids[len(prompts):]
     out, i = [], 0
     for g, p in zip(groups, prompt_ids):
         rs, i = response_ids[i:i + len(g.responses)], i + len(g.responses)
@@ -1082,7 +1089,7 @@ def micro_batches(groups: list[TokenizedGroup], micro_batch_size: int, max_token
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Print the statistics of a preference data set under a checkpoint's tokenizer.")
+    parser = ArgumentParser(prog="data.py", description="Print the statistics of a preference data set under a checkpoint's tokenizer.")
     parser.add_argument("--model", required=True, help="checkpoint directory with tokenizer.json (and tokenizer_config.json)")
     parser.add_argument("--data", required=True, nargs="+",
                         help="data: files (.jsonl, .json, .parquet, .jsonl.gz, .json.gz), folders or globs, read as one set")

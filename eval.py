@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 
 from cli import ArgumentParser, fail
-from data import ChatTokenizer, data_files, micro_batches, read_groups, tokenize_groups
+from data import TEMPLATES, ChatTokenizer, data_files, micro_batches, read_groups, tokenize_groups
 from metrics import SUMS, kendall_tau_b, ranking_metrics, ranking_sums
 from model import Llama, generate
 from packing import make_batch, response_logps
@@ -210,7 +210,7 @@ def parse_args(argv=None):
     a("--model", required=True, help="checkpoint folder (Hugging Face format: config.json, *.safetensors, tokenizer.json)")
     a("--data", nargs="+", default=None, help="held-out preference groups (files, folders or globs in any format data.py reads) for the ranking metrics")
     a("--data_format", default=None, help="override the detected data format")
-    a("--template", default=None, help="chat template: llama3, chatml, none or jinja (default: detected from the checkpoint)")
+    a("--template", default=None, choices=TEMPLATES, help="chat template (default: detected from the checkpoint's template text)")
     a("--date_string", default=None, help="the date Llama 3.2/3.3 chat templates print (default: today), as in training")
     a("--max_length", type=int, default=2048, help="longest prompt + response in tokens, as in training")
     a("--max_prompt_length", type=int, default=1800, help="longest prompt in tokens, as in training")

@@ -6,23 +6,24 @@ KV cache, print the reply.
     python sample.py --model DIR --prompt "..." --temperature 0.7 --top_p 0.9 --seed 1 --device cuda --dtype bfloat16
 """
 
-import argparse
 import os
 
 import torch
 
+from cli import ArgumentParser, fail
 from data import TEMPLATES, ChatTokenizer
 from model import CheckpointError, ConfigError, Llama, generate
 
 
 def main(argv=None):
     cuda = torch.cuda.is_available()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    p = ArgumentParser(prog="sample.py", description=__doc__.split("\n\n")[0].strip())
     p.add_argument("--model", required=True, help="checkpoint folder: config.json, safetensors weights, tokenizer.json")
     p.add_argument("--prompt", required=True, help="the user message")
     p.add_argument("--system", default=None, help="a system message to put before the user message")
     p.add_argument("--template", default=None, choices=TEMPLATES,
                    help="chat format; default: detected from the checkpoint's chat template")
+    p.add_argument("--date_string", default=None, help="the date Llama 3.2/3.3 chat templates print (default: today)")
     p.add_argument("--max_new_tokens", type=int, default=256, help="stop after this many tokens")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy")
     p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling: keep the most likely tokens "
@@ -35,17 +36,17 @@ def main(argv=None):
     if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
         p.error("need --max_new_tokens >= 1, --temperature >= 0 and 0 < --top_p <= 1")
     if not os.path.isdir(args.model):
-        raise SystemExit(f"error: {args.model}: no such model folder")
+        fail(f"{args.model}: no such model folder")
 
     try:
-        tok = ChatTokenizer.from_pretrained(args.model, template=args.template)
+        tok = ChatTokenizer.from_pretrained(args.model, template=args.template, date_string=args.date_string)
         model = Llama.from_pretrained(args.model, dtype=getattr(torch, args.dtype), device=args.device).eval()
     except (OSError, ConfigError, CheckpointError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
+        fail(e)
 
     if tok.template == "none":  # a base model without chat template: the prompt is plain text
         if args.system:
-            raise SystemExit(f"error: {args.model} has no chat template, so --system has nowhere to go")
+            fail(f"{args.model} has no chat template, so --system has nowhere to go")
         prompt_ids = tok.encode_prompt(args.prompt)
     else:
         system = [{"role": "system", "content": args.system}] if args.system else []

@@ -11,16 +11,13 @@ checks the wiring: DPO starts at loss log 2 (policy = reference), and every loss
 """
 
 import itertools
-import json
 import math
-import os
 
 import pytest
 import torch
 
-import train
 from baselines import BASELINES, dpo, orpo, simpo
-from conftest import copy_demo_rows, save_demo_llama
+from conftest import copy_demo_rows, records, run, save_demo_llama
 
 
 def softplus(x):
@@ -199,11 +196,6 @@ def tiny(tmp_path_factory):
     return root
 
 
-def records(out):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [r for r in map(json.loads, f) if r["split"] == "train"]
-
-
 @pytest.mark.parametrize("name", ["simpo", "orpo", "dpo"])
 def test_train_with_baseline(tiny, tmp_path, name):
     """Four full-batch steps on the same 32 groups with each baseline: the
@@ -213,8 +205,8 @@ def test_train_with_baseline(tiny, tmp_path, name):
     argv = ["--model", tiny / "init", "--data", tiny / "train.jsonl", "--loss", name, "--out", out, "--batch_size", 32,
             "--micro_batch_size", 32, "--lr", 3e-3, "--max_length", 64, "--max_prompt_length", 32, "--log_every", 1,
             "--warmup_ratio", 0.0, "--epochs", 4]
-    train.train(train.parse_args([str(a) for a in argv]))
-    rows = records(out)
+    run(*argv)
+    rows = records(out, "train")
     assert len(rows) == 4
     if name == "dpo":
         assert abs(rows[0]["loss"] - math.log(2)) < 1e-5

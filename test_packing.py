@@ -127,8 +127,8 @@ def test_layouts_match_unshared_reference_values_and_grads(tie):
 def test_packed_bf16_within_documented_tolerance():
     """bf16: packed (chunked) log-probs stay within 1e-2 nats (absolute, mean per-token log-prob)
     of the same bf16 model run one response at a time. The documented bf16 tolerance: the gap is
-    rounding in matmuls of different shapes (seen: up to 1e-3 here, the same order as bf16 vs
-    float32 itself), not the layout, which agrees to 1e-5 in float32 (above)."""
+    rounding in matmuls of different shapes (the same order as bf16 against float32 itself), not
+    the layout, which agrees to 1e-5 in float32 (above)."""
     model = tiny_model(dtype=torch.bfloat16)
     groups = random_groups(seed=3, num_groups=4)
     with torch.no_grad():

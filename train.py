@@ -37,7 +37,7 @@ import torch
 from baselines import BASELINES
 from checkpoint import prepare_out, resume_point, save_checkpoint, set_rng_state, trim_metrics, write_args
 from cli import ArgumentParser, fail
-from data import ChatTokenizer, GroupLoader, data_files, micro_batches, read_groups, scale_scores, tokenize_groups
+from data import TEMPLATES, ChatTokenizer, GroupLoader, data_files, micro_batches, read_groups, scale_scores, tokenize_groups
 from metrics import SUMS, MetricsLog, evaluate, generation_success, ranking_metrics, ranking_sums
 from model import Llama, LlamaConfig, check_pretrained
 from mppo import LOSSES, has_preference
@@ -58,7 +58,7 @@ def parse_args(argv=None):
     a("--score_field", default=None, help="rows of one response each (HelpSteer2-style): the numeric field that scores them")
     a("--score_range", type=float, nargs=2, default=None, metavar=("LO", "HI"),
       help="point-wise losses: the scale of the scores, mapped onto [0, 1] (default: [0, 1] as is, 1-10 divided by 10)")
-    a("--template", default=None, help="chat template: llama3, chatml, none or jinja (default: detected from the checkpoint)")
+    a("--template", default=None, choices=TEMPLATES, help="chat template (default: detected from the checkpoint's template text)")
     a("--date_string", default=None, help="the date Llama 3.2/3.3 chat templates print (default: today, as transformers does); pin it for reproducible data")
     a("--loss", default="pair_mnm", choices=sorted(LOSSES) + sorted(BASELINES) + ["sft"],
       help="MPPO variant, a baseline of the paper's Table 2 (simpo, orpo, dpo; see baselines.py), or sft: NLL of the best response")
@@ -185,8 +185,8 @@ def load_data(args, tok, rank, world, log):
         raw = [([next(scaled) for _ in groups], report) for groups, report in raw]
     splits = []
     for spec, (groups, report) in zip(specs, raw):
-        tokenized, stats = tokenize_groups(groups, tok, args.max_length, args.max_prompt_length,
-                                           min_responses=min_responses, include_header=args.score_header, require_preference=not pointwise)
+        tokenized, stats = tokenize_groups(groups, tok, args.max_length, args.max_prompt_length, min_responses=min_responses,
+                                           include_header=args.score_header, require_preference=not pointwise, progress=Progress("tokenized", log))
         name = " ".join(spec)
         log(f"{name}: {len(tokenized)} groups\n{report.summary()}\n{stats.summary()}".rstrip())
         if not tokenized:
@@ -194,6 +194,18 @@ def load_data(args, tok, rank, world, log):
         splits.append(tokenized)
     loader = GroupLoader(splits[0], args.batch_size, rank=rank, world_size=world, seed=args.seed)
     return loader, splits[0], (splits[1] if args.eval_data else [])
+
+
+class Progress:
+    """progress(done, total) prints a line at most every 10 s, so a long phase shows it is moving."""
+
+    def __init__(self, what, log, every=10.0):
+        self.what, self.log, self.every, self.last = what, log, every, time.time()
+
+    def __call__(self, done, total):
+        if time.time() - self.last >= self.every:
+            self.log(f"{self.what} {done}/{total}")
+            self.last = time.time()
 
 
 @torch.no_grad()
@@ -205,7 +217,7 @@ def reference_logps(parallel, groups, args, pad_id, log):
     rank, world = parallel.rank, parallel.world
     share = list(range(rank, len(groups), world))
     share += share[:1] * (math.ceil(len(groups) / world) - len(share))  # equal forwards on every rank
-    mine, t_last = {}, time.time()
+    mine, progress = {}, Progress("reference log-probs, micro-batches on rank 0:", log)
     mbs = micro_batches([groups[i] for i in share], args.micro_batch_size, args.max_tokens)
     for n, (mb, _) in enumerate(parallel.even(mbs)):
         batch = make_batch(mb, args.layout, pad_id, args.max_tokens).to(parallel.device)
@@ -213,9 +225,7 @@ def reference_logps(parallel, groups, args, pad_id, log):
             logps = response_logps(model, batch, chunk_size=args.chunk_size, attn_impl=args.attn_impl)  # (B, K)
         for g, row in zip(mb, logps.tolist()):
             mine[id(g)] = row[: len(g.response_ids)]
-        if time.time() - t_last > 10:
-            log(f"reference log-probs: {n + 1}/{len(mbs)} micro-batches on rank 0")
-            t_last = time.time()
+        progress(n + 1, len(mbs))
     for indices, rows in all_gather((share, [mine[id(groups[i])] for i in share])):
         for i, row in zip(indices, rows):
             groups[i].ref_logps = row
@@ -278,10 +288,12 @@ def train(args):
     if args.resume and state is None:
         log(f"--resume: no complete checkpoint in {args.out} yet, starting from {args.model}")
     if state:
-        for key in ("data", "batch_size", "seed", "loss", "fsdp"):
+        for key in ("data", "batch_size", "seed", "loss"):
             if state["args"][key] != getattr(args, key):
-                hint = "; resume the same way, or start a new run from its weights with --model " + str(resume_dir) if key == "fsdp" else ""
-                fail(f"--resume: --{key} is {getattr(args, key)!r} but {resume_dir} was trained with {state['args'][key]!r}{hint}")
+                fail(f"--resume: --{key} is {getattr(args, key)!r} but {resume_dir} was trained with {state['args'][key]!r}")
+        if state["args"]["fsdp"] != args.fsdp:  # AdamW state: one file, or DCP shards under --fsdp
+            fail(f"--resume: {resume_dir} was written {'without' if args.fsdp else 'with'} --fsdp; resume the same way, "
+                 f"or start a new run from its weights with --model {resume_dir} (AdamW state starts afresh)")
 
     parallel = Sharded(device, dtype, grad_sync=args.fsdp_grad_sync) if args.fsdp else Replicated(device, dtype)
     if args.loss == "dpo":  # the reference is the starting model (also on resume): scored once, then freed
