@@ -3,6 +3,7 @@ Benchmark: MPPO training steps in the naive layout against the project's default
 
     python bench.py                               # CPU: SmolLM2-135M shape, float32, 4 responses
     python bench.py --device cuda                 # GPU: Llama-3-8B width, 2 layers, bfloat16
+    python bench.py --device cuda --shape llama3-8b --layers 4 --attn_impl sdpa segments flex --compile
     python bench.py --tiny                        # seconds; what the CI test runs
 
 A randomly initialised Llama of a real shape trains on synthetic groups (one prompt, K responses)
@@ -13,7 +14,12 @@ times full training steps (forward, backward, AdamW) after warm-up, on the same 
   1. naive:   every response its own right-padded prompt + response row, full logits
               (padded_batch + response_logps(full_logits=True))
   2. default: the shared-prompt packed layout, head and log-softmax in chunks over the scored
-              positions only (packed_batch + response_logps)
+              positions only (packed_batch + response_logps); one row per --attn_impl given
+              (e.g. `--attn_impl sdpa segments flex`: 2., 3. and 4., each with its ratio to 1.)
+
+--compile compiles each transformer block (torch.compile, `block.compile()`) in every layout; the
+compilation happens in the warm-up steps (3 by default with --compile: the first compiles for the
+first shapes, the next with dynamic shapes), outside the timed steps.
 
 Each layout runs in a fresh child process, so peak memory is its own: torch.cuda's peak allocation
 on GPU, the process's peak resident memory (above what it held after importing torch) on CPU.
@@ -39,13 +45,20 @@ import time
 
 import torch
 
+from mppo import LOSSES
+
 SHAPES = {  # hidden, layers, heads, kv_heads, intermediate, vocab, tied embeddings
     "smollm2-135m": dict(hidden=576, layers=30, heads=9, kv_heads=3, intermediate=1536, vocab=49152, tie=True),
+    "llama3-8b": dict(hidden=4096, layers=32, heads=32, kv_heads=8, intermediate=14336, vocab=128256, tie=False),
     "llama3-8b-width": dict(hidden=4096, layers=2, heads=32, kv_heads=8, intermediate=14336, vocab=128256, tie=False),
     "tiny": dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=512, tie=False),
 }
-# dense bf16/fp16 tensor-core peaks from the datasheets (SXM parts), FLOP/s
-DATASHEET_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12}
+# dense (no sparsity) bf16/fp16 tensor-core peaks from the datasheets, FLOP/s, matched against
+# torch.cuda.get_device_name() in this order, so the PCIe/NVL parts come before the SXM name they contain
+DATASHEET_BF16 = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H200 NVL": 835e12, "GH200": 989e12, "H200": 989e12,
+                  "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12}
+IMPL_NAMES = dict(causal="SDPA, causal", sdpa="SDPA with a dense mask", segments="SDPA per segment (packing.SegmentAttention)",
+                  flex="flex_attention (packing.FlexAttention)")
 
 
 def parse_args(argv=None):
@@ -68,12 +81,17 @@ def parse_args(argv=None):
     p.add_argument("--sigma", type=float, default=0.7, help="log-normal sigma of both lengths (the right tail)")
     p.add_argument("--max_len", type=int, default=2048, help="clip: prompt + response tokens, as a trainer's max_length")
     p.add_argument("--steps", type=int, default=None, help="timed steps per layout (default: 2 on CPU, 10 on CUDA)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 1; 3 with --compile)")
     p.add_argument("--chunk_size", type=int, default=1024, help="positions per chunk of the head in the default path")
     p.add_argument("--max_row_tokens", type=int, default=None, help="packed row budget (default: longest group)")
-    p.add_argument("--attn_impl", default="auto", choices=["auto", "sdpa", "segments", "flex"],
-                   help="attention of the default path (packing.choose_attention)")
-    p.add_argument("--loss", default="pair_mnm", help="MPPO loss (mppo.LOSSES)")
+    p.add_argument("--attn_impl", nargs="+", default=["auto"], choices=["auto", "sdpa", "segments", "flex"],
+                   help="attention of the default path (packing.choose_attention); several: one default row each")
+    p.add_argument("--compile", action="store_true", help="torch.compile each transformer block (in every layout)")
+    p.add_argument("--compile_backend", default="inductor",
+                   help="torch.compile backend of --compile (aot_eager: traces and recompiles the same, generates no code; a quick CPU check)")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="seconds one layout's run may take (a hung compile or kernel fails its row, not the whole bench)")
+    p.add_argument("--loss", default="pair_mnm", choices=sorted(LOSSES), help="MPPO loss (mppo.LOSSES)")
     p.add_argument("--seed", type=int, default=0, help="seed of the groups and the model")
     p.add_argument("--rounds", type=int, default=1,
                    help="run each layout this many times, alternating, and keep its fastest run (a busy machine)")
@@ -82,6 +100,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
 
     cuda = args.device.startswith("cuda")
+    if "flex" in args.attn_impl and not cuda:
+        p.error("--attn_impl flex needs CUDA (torch has no flex_attention backward on CPU)")
     if args.tiny:
         args.shape = args.shape or "tiny"
         args.prompt_median, args.response_median, args.max_len = 12, 20, 128
@@ -93,6 +113,8 @@ def parse_args(argv=None):
     args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
     args.groups = args.groups or (4 if cuda else 1)
     args.steps = args.steps or (10 if cuda else 2)
+    args.warmup = args.warmup if args.warmup is not None else (3 if args.compile else 1)
+    args.attn_impl = list(dict.fromkeys(args.attn_impl))  # each once, in the order given
     return args
 
 
@@ -128,7 +150,11 @@ def build_model(args, device=None):
     torch.manual_seed(args.seed)
     with torch.device(device or args.device):
         model = Llama(config)
-    return model.to(getattr(torch, args.dtype))
+    model = model.to(getattr(torch, args.dtype))
+    if args.compile:
+        for block in model.model.layers:
+            block.compile(backend=args.compile_backend)
+    return model
 
 
 def step_flops(model, batch, full_logits):
@@ -154,8 +180,8 @@ def rss_bytes():
 
 
 def run_layout(args):
-    """Child process: train --warmup + --steps steps in one layout; return its measurements."""
-    import mppo
+    """Child process: train --warmup + --steps steps in one layout (--child: naive, or default:IMPL);
+    return its measurements."""
     from packing import choose_attention, packed_batch, padded_batch, response_logps
 
     cuda = args.device.startswith("cuda")
@@ -164,8 +190,9 @@ def run_layout(args):
     rss0 = rss_bytes()  # torch imported, nothing allocated yet
     model = build_model(args)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=cuda or None)
-    loss_fn = mppo.LOSSES[args.loss]
+    loss_fn = LOSSES[args.loss]
     naive = args.child == "naive"
+    attn_impl = None if naive else args.child.split(":", 1)[1]
     attention = set()  # what the default path's attention was, step by step (packing.choose_attention)
 
     times, flops, groups, tokens, logical = [], 0, 0, 0, 0
@@ -179,7 +206,7 @@ def run_layout(args):
             logps = response_logps(model, batch, full_logits=True)
         else:
             batch = packed_batch(batch_groups, max_row_tokens=args.max_row_tokens).to(args.device)
-            logps = response_logps(model, batch, chunk_size=args.chunk_size, attn_impl=args.attn_impl)
+            logps = response_logps(model, batch, chunk_size=args.chunk_size, attn_impl=attn_impl)
         loss = loss_fn(logps, batch.scores, batch.mask).mean()
         loss.backward()
         opt.step()
@@ -188,7 +215,7 @@ def run_layout(args):
         if step >= args.warmup:
             times.append(time.perf_counter() - t0)
             if not naive:  # which attention response_logps took, asked again outside the timed step
-                attention.add(choose_attention(model, batch, args.attn_impl))
+                attention.add(choose_attention(model, batch, attn_impl))
             flops += step_flops(model, batch, full_logits=naive)
             groups += len(batch_groups)
             tokens += batch.num_tokens
@@ -232,21 +259,51 @@ def matmul_throughput(args, rows=2048, seconds=0.3):
     return total_flops / total_time
 
 
+def datasheet_peak(device_name):
+    """Dense bf16 FLOP/s of a GPU from its torch.cuda.get_device_name(), or None when unknown."""
+    return next((v for k, v in DATASHEET_BF16.items() if k in device_name), None)
+
+
 def child_result(args, layout):
-    """Run one layout in a fresh process (its peak memory is its own) and read its JSON line."""
+    """Run one layout in a fresh process (its peak memory is its own) and read its JSON line.
+    A run that fails or outlives --timeout returns {"layout", "error"}: its row says so, the others run."""
     argv = sys.argv[1:]
     cmd = [sys.executable, os.path.abspath(__file__), *argv, "--child", layout]
-    out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    try:
+        out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        print(f"bench.py: {layout}: no result within --timeout {args.timeout:g} s", file=sys.stderr)
+        return dict(layout=layout, error=f"timed out after {args.timeout:g} s")
+    if out.returncode != 0:
+        sys.stderr.write(out.stderr[-4000:])
+        last = (out.stderr.strip().splitlines() or ["no message"])[-1]
+        print(f"bench.py: {layout} failed (exit {out.returncode}): {last}", file=sys.stderr)
+        return dict(layout=layout, error=last)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def row_name(layout, args):
+    if layout == "naive":
+        return "1. naive (padded, full logits)"
+    impl = layout.split(":", 1)[1]
+    number = 2 + args.attn_impl.index(impl)
+    return f"{number}. default (packed, chunked head)" + ("" if impl == "auto" else f", attention {impl}")
 
 
 def table(args, results, matmul_flops, datasheet):
+    """The Markdown table: one row per layout run (a failed one says so), then each default row's
+    ratio to the naive row. Returns (text, {layout: values})."""
     gib = 1024**3
     header = ["layout", "groups/s", "processed tok/s", "logical tok/s", "peak memory (GiB)", "MFU (measured matmul)"]
+    keys = ["gps", "tps", "lps", "mem", "mfu"]
     if datasheet:
         header.append("MFU (datasheet)")
+        keys.append("mfu_ds")
     rows, values = [], {}
     for r in results:
+        if "error" in r:
+            rows.append([row_name(r["layout"], args)] + ["failed"] * len(keys))
+            continue
         s = r["seconds"]
         v = dict(gps=r["groups"] / s, tps=r["tokens"] / s, lps=r["logical"] / s, mem=r["peak"] / gib,
                  mfu=r["flops"] / s / matmul_flops)
@@ -256,13 +313,13 @@ def table(args, results, matmul_flops, datasheet):
         cells = [f"{v['gps']:.3g}", f"{v['tps']:.0f}", f"{v['lps']:.0f}", f"{v['mem']:.2f}", f"{100 * v['mfu']:.1f}%"]
         if datasheet:
             cells.append(f"{100 * v['mfu_ds']:.1f}%")
-        name = {"naive": "1. naive (padded, full logits)", "default": "2. default (packed, chunked head)"}[r["layout"]]
-        rows.append([name] + cells)
-    a, b = values["default"], values["naive"]
-    ratio = ["ratio 2 / 1"] + [f"{a[k] / b[k]:.2f}x" for k in ("gps", "tps", "lps", "mem", "mfu")]
-    if datasheet:
-        ratio.append(f"{a['mfu_ds'] / b['mfu_ds']:.2f}x")
-    rows.append(ratio)
+        rows.append([row_name(r["layout"], args)] + cells)
+    b = values.get("naive")
+    for r in results[1:]:
+        a = values.get(r["layout"])
+        if a and b:
+            number = row_name(r["layout"], args).split(".")[0]
+            rows.append([f"ratio {number} / 1"] + [f"{a[k] / b[k]:.2f}x" for k in keys])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines), values
@@ -275,24 +332,27 @@ def main():
         return
     cuda = args.device.startswith("cuda")
     if cuda:
-        name = torch.cuda.get_device_name()
-        machine = name
-        datasheet = next((v for k, v in DATASHEET_BF16.items() if k in name), None) if args.dtype in ("bfloat16", "float16") else None
+        machine = torch.cuda.get_device_name()
+        datasheet = datasheet_peak(machine) if args.dtype in ("bfloat16", "float16") else None
     else:
         machine = f"CPU, {args.threads or torch.get_num_threads()} threads, {os.cpu_count()} cores"
         datasheet = None
     load_before = os.getloadavg()[0]
     n_params = sum(p.numel() for p in build_model(args, device="meta").parameters())  # shapes only, no memory
+    layouts = ["naive"] + [f"default:{impl}" for impl in args.attn_impl]
     # alternate the layouts round by round and keep each one's fastest round: another process
-    # that slows the machine for a while then hurts both layouts alike, not just one of them
-    rounds = [[child_result(args, "naive"), child_result(args, "default")] for _ in range(args.rounds)]
-    results = [min((r[i] for r in rounds), key=lambda r: r["seconds"]) for i in range(2)]
-    # each child times the matmuls just before its steps; the best is the device's throughput
-    matmul = max(r["matmul"] for rs in rounds for r in rs)
+    # that slows the machine for a while then hurts all layouts alike, not just one of them
+    rounds = [[child_result(args, layout) for layout in layouts] for _ in range(args.rounds)]
+    results = []
+    for i in range(len(layouts)):
+        done = [r[i] for r in rounds if "error" not in r[i]]
+        results.append(min(done, key=lambda r: r["seconds"]) if done else rounds[-1][i])
+    # each child times the matmuls just after its steps; the best is the device's throughput
+    matmul = max((r["matmul"] for rs in rounds for r in rs if "error" not in r), default=float("nan"))
     text, _ = table(args, results, matmul, datasheet)
     tied = " (tied embeddings)" if args.tie else ""
     # other processes on the machine slow one layout more than the other: the load tells
-    print(f"mppo bench: {machine}, {args.dtype}, torch {torch.__version__}; "
+    print(f"mppo bench: {machine}, {args.dtype}, torch {torch.__version__}{', compiled blocks' if args.compile else ''}; "
           f"load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after")
     print(f"model: {args.shape} shape, {args.layers} layers, hidden {args.hidden}, heads {args.heads}/{args.kv_heads}, "
           f"MLP {args.intermediate}, vocab {args.vocab}{tied}, {n_params / 1e6:.1f}M parameters")
@@ -300,14 +360,16 @@ def main():
     print(f"groups: {args.groups} per step x {args.steps} steps (+{args.warmup} warm-up){best}, {args.responses} responses, "
           f"log-normal lengths, median prompt {args.prompt_median:g} / response {args.response_median:g}, "
           f"sigma {args.sigma:g}, max_len {args.max_len}")
-    names = dict(causal="SDPA, causal", sdpa="SDPA with a dense mask", segments="SDPA per segment (packing.SegmentAttention)",
-                 flex="flex_attention (packing.FlexAttention)")
-    described = [" and ".join(names[a] for a in r["attention"]) for r in results]
-    print(f"attention: naive {described[0]}; default {described[1]}")
+    for r in results:
+        what = f"failed: {r['error']}" if "error" in r else " and ".join(IMPL_NAMES[a] for a in r["attention"])
+        print(f"attention of {row_name(r['layout'], args).split(' (')[0]}: {what}")
     print(f"dense matmul throughput measured at the model's shapes: {matmul / 1e9:.1f} GFLOP/s"
           + (f"; datasheet peak {datasheet / 1e12:.0f} TFLOP/s" if datasheet else ""))
     print()
     print(text)
+    failed = [r["layout"] for r in results if "error" in r]
+    if failed:
+        raise SystemExit(f"error: {', '.join(failed)} failed (see above)")
 
 
 if __name__ == "__main__":
