@@ -22,7 +22,11 @@ Llama-3-8B under DDP: every GPU holds float32 weights (4 bytes per parameter), g
 AdamW's two moments (8), 16 bytes x 8e9 = 128 GB, more than an 80 GB GPU has. Under FSDP each of
 N ranks holds 1/N of all of it (a dim-0 shard, as a DTensor): 16 GB per GPU on 8 GPUs. A block's
 full weights exist only while it computes: all-gathered (in bf16 under mixed precision) in its
-forward and again in its backward, and freed after each.
+forward and again in its backward, and freed after each. Gradients are reduce-scattered in every
+micro-step's backward by default (grad_sync="every"), so between micro-steps a rank holds only
+its float32 gradient shard (4 GB, not 32 GB, for 8B on 8 GPUs); grad_sync="last" reduces only in
+the last micro-step, one reduce-scatter per optimizer step instead of one per micro-step, holding
+full float32 gradients until then.
 
 launch lines are in train.py's docstring.
 """
@@ -143,9 +147,15 @@ class Sharded(Replicated):
     Parameters, gradients and AdamW state stay float32; with a bf16 compute dtype the blocks
     compute in bf16 and the parameters travel in bf16, while gradients are reduced in float32
     (reduce-scattering in bf16 would round the sum of N ranks). The mixed-precision policy casts
-    the weights as it gathers them, so no autocast is needed."""
+    the weights as it gathers them, so no autocast is needed. grad_sync: when gradients are
+    reduce-scattered under gradient accumulation, "every" micro-step or only the "last" (the
+    module docstring weighs the two)."""
 
-    def __init__(self, device, dtype=torch.float32, grad_sync="last"):
+    GRAD_SYNCS = ("every", "last")
+
+    def __init__(self, device, dtype=torch.float32, grad_sync="every"):
+        if grad_sync not in self.GRAD_SYNCS:
+            raise ValueError(f"grad_sync {grad_sync!r}: expected one of {', '.join(self.GRAD_SYNCS)}")
         super().__init__(device, dtype)
         self.grad_sync = grad_sync
         self.autocast = nullcontext()
@@ -158,7 +168,12 @@ class Sharded(Replicated):
     def _load_sharded(self, path):
         """A sharded Llama from a Hugging Face folder. Each rank reads only the rows of its own
         shards, so an 8B start needs 32 GB of reads in all, not 32 GB on every rank."""
-        config = LlamaConfig.from_json(Path(path) / "config.json")
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path}: no such checkpoint folder")
+        config = LlamaConfig.from_json(path / "config.json")
+        if config.ignored_keys and self.rank == 0:  # reported as Llama.from_pretrained does, by rank 0 only
+            print(f"{path / 'config.json'}: ignoring {', '.join(config.ignored_keys)} (transformers does not read them either)")
         with torch.device("meta"):  # shapes only; fully_shard turns each parameter into a DTensor of shards
             model = Llama(config)
         policy = MixedPrecisionPolicy(param_dtype=self.dtype, reduce_dtype=torch.float32)
@@ -196,8 +211,10 @@ class Sharded(Replicated):
         return [(item, True) for item in items] + [(filler, False)] * (int(n) - len(items))
 
     def sync(self, last):
-        # FSDP reduce-scatters gradients in backward; skipped until the last micro-step
-        self.model.set_requires_gradient_sync(last)
+        # "every": each micro-step's backward reduce-scatters its gradients and adds them to this
+        # rank's float32 shard (p.grad), so no full-size gradient outlives a block's backward.
+        # "last": earlier micro-steps add into full unsharded float32 gradients, reduced once at the end.
+        self.model.set_requires_gradient_sync(last or self.grad_sync == "every")
         return nullcontext()
 
     def clip_grad_norm(self, max_norm):
