@@ -121,8 +121,9 @@ def test_score_groups_matches_one_response_at_a_time(tiny):
                 logprobs = model(ids)[0].float().log_softmax(-1)  # (T, V)
             P = len(g.prompt_ids)
             means.append(sum(logprobs[P - 1 + i, t].item() for i, t in enumerate(r)) / len(r))
-        best = max(range(len(g.scores)), key=lambda k: (g.scores[k], -k))
-        assert abs(row[ev.SUMS.index("p_chosen")] - math.exp(means[best])) < 1e-6
+        tied_best = [k for k, s in enumerate(g.scores) if s == max(g.scores)]  # every response tied for best is a chosen
+        p_chosen = sum(math.exp(means[k]) for k in tied_best) / len(tied_best)
+        assert abs(row[ev.SUMS.index("p_chosen")] - p_chosen) < 1e-6
         tau = ev.kendall_tau_b(torch.tensor([means]), torch.tensor([g.scores]))[0].item()
         assert abs(row[len(ev.SUMS)] - tau) < 1e-9
 
