@@ -158,3 +158,21 @@ def test_bad_invocations_fail_in_one_line(setup, tmp_path, case):
     err = r.stderr.strip().splitlines()
     assert "Traceback" not in r.stderr
     assert err[-1].startswith("error: ") and expect[1] in err[-1], r.stderr[-1000:]
+
+
+@pytest.mark.parametrize("fixture, extra", [
+    ("canonical.jsonl", []), ("simpo.jsonl", []), ("ultrafeedback.json", []), ("pairwise.jsonl", []), ("rrhf.jsonl", []),
+    ("nectar.jsonl", []), ("argilla_pairwise.jsonl", []), ("helpsteer2.jsonl", ["--score_field", "helpfulness"]),
+])
+def test_trains_a_step_on_each_data_layout(setup, tmp_path, fixture, extra):
+    """python train.py on each real-shaped data file of testdata/, read as downloaded: one optimizer
+    step runs and logs a finite loss (Pair-MNM; Parquet files and folders: test_data.py)."""
+    from data import read_groups
+
+    data = os.path.join(os.path.dirname(os.path.abspath(__file__)), "testdata", fixture)
+    score_field = extra[1] if extra else None
+    n = len(read_groups(data, score_field=score_field)[0])
+    out = tmp_path / "o"
+    run(*common(setup, out, **{"--data": data, "--loss": "pair_mnm", "--max_steps": 1, "--batch_size": min(n, 2), "--micro_batch_size": 1}), *extra)
+    (step,) = records(out, "train")
+    assert step["step"] == 1 and step["loss"] == step["loss"]
