@@ -96,9 +96,16 @@ def test_gradients_held_between_micro_steps(setup, tmp_path):
     parameters: with grad_sync="every" only its float32 gradient shard (as many bytes as its
     parameter shards, half the model) after every micro-step; with "last" full float32 gradients of
     every parameter (the whole model's bytes) until the last micro-step reduce-scatters them into
-    the shard. Both modes end with the same gradient."""
-    r = run_cli(setup["model"], tmp_path, nproc=2, script="test_fsdp.py")
+    the shard. Both modes end with the same gradient. The model's config.json carries two keys
+    transformers ignores, which the loader reports on rank 0 only: one line per load."""
+    model = shutil.copytree(setup["model"], tmp_path / "model")
+    with open(model / "config.json") as f:
+        config = json.load(f)
+    with open(model / "config.json", "w") as f:
+        json.dump({**config, "is_llama_config": True, "unsloth_version": "2024.9"}, f)
+    r = run_cli(model, tmp_path, nproc=2, script="test_fsdp.py")
     assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("config.json: ignoring is_llama_config, unsloth_version (transformers does not read them either)") == 2
     out = {}
     for rank in range(2):
         with open(tmp_path / f"rank{rank}.json") as f:
