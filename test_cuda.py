@@ -17,6 +17,7 @@ computations that differ only in kernel and summation order land within that; a 
 (wrong mask, lost precision in a float32 step) lands far outside it.
 """
 
+import copy
 import math
 import os
 import warnings
@@ -97,7 +98,7 @@ def test_parity_with_transformers_float32(checkpoint):
     within 1e-4, as on CPU (test_model.py)."""
     path, hf = checkpoint
     ours = Llama.from_pretrained(path, dtype=torch.float32, device=DEVICE)
-    hf = hf.to(DEVICE)
+    hf = copy.deepcopy(hf).to(DEVICE)  # a copy: Module.to() casts in place, and the fixture is shared
     ids = torch.randint(0, SHAPE["vocab_size"], (2, 300), generator=torch.Generator().manual_seed(1)).to(DEVICE)
     with torch.no_grad():
         ref = hf(ids).logits
@@ -114,7 +115,7 @@ def test_parity_with_transformers_bf16(checkpoint):
     (they differ from float32)."""
     path, hf = checkpoint
     ours = Llama.from_pretrained(path, dtype=torch.bfloat16, device=DEVICE)
-    hf = hf.to(DEVICE)
+    hf = copy.deepcopy(hf).to(DEVICE)
     ids = torch.randint(0, SHAPE["vocab_size"], (2, 300), generator=torch.Generator().manual_seed(2)).to(DEVICE)
     with torch.no_grad():
         ref = hf(ids).logits.float()  # float32
