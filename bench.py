@@ -17,9 +17,10 @@ times full training steps (forward, backward, AdamW) after warm-up, on the same 
               positions only (packed_batch + response_logps); one row per --attn_impl given
               (e.g. `--attn_impl sdpa segments flex`: 2., 3. and 4., each with its ratio to 1.)
 
---compile compiles each transformer block (torch.compile, `block.compile()`) in every layout; the
-compilation happens in the warm-up steps (3 by default with --compile: the first compiles for the
-first shapes, the next with dynamic shapes), outside the timed steps.
+--compile compiles each transformer block (`block.compile(dynamic=True)`) in every layout, during
+the warm-up steps (2 by default with --compile), outside the timed steps. Dynamic from the start:
+every step brings new sequence lengths, so dynamic shapes are where a trainer's compiled blocks
+end up anyway (train.py --compile recompiles once to get there), and one compilation is saved.
 
 Each layout runs in a fresh child process, so peak memory is its own: torch.cuda's peak allocation
 on GPU, the process's peak resident memory (above what it held after importing torch) on CPU.
@@ -81,7 +82,7 @@ def parse_args(argv=None):
     p.add_argument("--sigma", type=float, default=0.7, help="log-normal sigma of both lengths (the right tail)")
     p.add_argument("--max_len", type=int, default=2048, help="clip: prompt + response tokens, as a trainer's max_length")
     p.add_argument("--steps", type=int, default=None, help="timed steps per layout (default: 2 on CPU, 10 on CUDA)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 1; 3 with --compile)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 1; 2 with --compile)")
     p.add_argument("--chunk_size", type=int, default=1024, help="positions per chunk of the head in the default path")
     p.add_argument("--max_row_tokens", type=int, default=None, help="packed row budget (default: longest group)")
     p.add_argument("--attn_impl", nargs="+", default=["auto"], choices=["auto", "sdpa", "segments", "flex"],
@@ -113,7 +114,7 @@ def parse_args(argv=None):
     args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
     args.groups = args.groups or (4 if cuda else 1)
     args.steps = args.steps or (10 if cuda else 2)
-    args.warmup = args.warmup if args.warmup is not None else (3 if args.compile else 1)
+    args.warmup = args.warmup if args.warmup is not None else (2 if args.compile else 1)
     args.attn_impl = list(dict.fromkeys(args.attn_impl))  # each once, in the order given
     return args
 
@@ -153,7 +154,7 @@ def build_model(args, device=None):
     model = model.to(getattr(torch, args.dtype))
     if args.compile:
         for block in model.model.layers:
-            block.compile(backend=args.compile_backend)
+            block.compile(backend=args.compile_backend, dynamic=True)
     return model
 
 
@@ -279,7 +280,11 @@ def child_result(args, layout):
         last = (out.stderr.strip().splitlines() or ["no message"])[-1]
         print(f"bench.py: {layout} failed (exit {out.returncode}): {last}", file=sys.stderr)
         return dict(layout=layout, error=last)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    # as each layout finishes, so a run stopped from outside still shows what it measured
+    print(f"bench.py: {layout}: {result['groups'] / result['seconds']:.3g} groups/s, "
+          f"peak {result['peak'] / 1024**3:.2f} GiB", file=sys.stderr, flush=True)
+    return result
 
 
 def row_name(layout, args):

@@ -65,7 +65,7 @@ def test_bench_failed_layout_fails_its_row_and_the_exit_code():
 
 def test_shapes_flags_and_datasheet():
     """`--shape llama3-8b --layers 2` is Llama-3-8B's width with 2 blocks (the llama3-8b-width preset);
-    flex is refused off CUDA in one line; --compile warms up 3 steps; the datasheet peak is matched
+    flex is refused off CUDA in one line; --compile warms up 2 steps; the datasheet peak is matched
     to torch.cuda.get_device_name() strings, the PCIe/NVL parts before the SXM name they contain."""
     import pytest
 
@@ -76,7 +76,7 @@ def test_shapes_flags_and_datasheet():
     keys = ("hidden", "layers", "heads", "kv_heads", "intermediate", "vocab", "tie")
     assert [getattr(a, k) for k in keys] == [getattr(b, k) for k in keys] == [4096, 2, 32, 8, 14336, 128256, False]
     assert bench.parse_args(["--device", "cpu", "--shape", "llama3-8b"]).layers == 32
-    assert bench.parse_args(["--tiny", "--device", "cpu", "--compile"]).warmup == 3
+    assert bench.parse_args(["--tiny", "--device", "cpu", "--compile"]).warmup == 2
     assert bench.parse_args(["--tiny", "--device", "cpu"]).warmup == 1
     with pytest.raises(SystemExit):
         bench.parse_args(["--tiny", "--device", "cpu", "--attn_impl", "sdpa", "flex"])

@@ -167,9 +167,6 @@ main() {
     fi
 
     step "bench.py: naive, default with ${bench_impls[*]}" 200 "$PY" bench.py "${bench_common[@]}" --attn_impl "${bench_impls[@]}"
-    step "bench.py --compile: naive, default with ${bench_impls[*]}" 240 \
-        "$PY" bench.py "${bench_common[@]}" --attn_impl "${bench_impls[@]}" "${bench_compile[@]}"
-
     if [ ! -d "$WORK/init" ]; then
         SUMMARY+=("| train.py --compile | skipped: no demo model | 0 |")
     elif "$PY" train.py --help 2>/dev/null | grep -q -- "--compile"; then
@@ -178,6 +175,14 @@ main() {
     else
         SUMMARY+=("| train.py --compile | skipped: train.py has no --compile | 0 |")
     fi
+
+    # last, as the longest: each of its 1 + ${#bench_impls[@]} layouts compiles; each gets an equal share of the
+    # time left (at most 150 s), so one layout that never finishes compiling fails its own row only
+    local share=$(((BUDGET - (SECONDS - START) - 60) / (1 + ${#bench_impls[@]})))
+    ((share > 150 * SCALE)) && share=$((150 * SCALE))
+    ((share < 30)) && share=30
+    step "bench.py --compile: naive, default with ${bench_impls[*]}" 300 \
+        "$PY" bench.py "${bench_common[@]}" --timeout "$share" --attn_impl "${bench_impls[@]}" "${bench_compile[@]}"
 
     if ((${#runs[@]})); then
         step "the training runs' last metrics" 30 "$PY" "$WORK/summarize_runs.py" "${runs[@]}"
