@@ -361,6 +361,7 @@ class SegmentAttention:
             self.masks[P, L] = torch.cat([torch.ones(L, P, dtype=torch.bool, device=self.device), causal], dim=1)
         return self.masks[P, L]
 
+    @torch.compiler.disable  # the span lengths are Python ints: compiled, every new batch layout would recompile
     def __call__(self, q, k, v):
         # split rather than index: the backward of one indexing op writes a gradient the size of
         # the whole input, so indexing run by run would cost (runs x batch) in backward. Pieces
