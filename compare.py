@@ -11,8 +11,9 @@ data, and each method continues from it on the demo's preference groups (train.j
 chosen on demo/valid.jsonl (greedy task success, the share of prompts whose greedy answer is a
 best-scored one; ties broken by pairwise accuracy, then by the lower rate), the table reports
 demo/eval.jsonl. A chosen rate at the edge of the grid widens the grid for that method (--widen).
-About 30 minutes on 2 CPU cores (11 methods x 4 rates with seed 0, then seeds 1 and 2 at each
-method's rate, two runs at a time):
+70 runs (11 methods x 4 rates with seed 0, 4 rates past an edge, then seeds 1 and 2 at each
+method's rate, two runs at a time): about 41 minutes on this project's 2 CPU cores while other
+jobs loaded them, an estimated 20 on idle ones (results/results.md says how it went):
 $ python compare.py --report results
 
 CI size (a smaller model, a few steps, every method at two rates, one seed; about a minute):
