@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cli import fail
 from model import clean_stale, crash_point
 from parallel import all_gather, barrier, shared_atomic_dir
 
@@ -148,6 +149,17 @@ def resume_point(out, log):
     if found:
         raise CheckpointStateError(f"--resume: no readable checkpoint in {out} (see above); start afresh with --overwrite")
     return None, None
+
+
+def check_resumable(state, args, folder):
+    """A checkpoint continues only the run that wrote it: same data, batch, seed and loss, and the
+    same optimizer-state layout (one file, or DCP shards under --fsdp)."""
+    for key in ("data", "batch_size", "seed", "loss"):
+        if state["args"][key] != getattr(args, key):
+            fail(f"--resume: --{key} is {getattr(args, key)!r} but {folder} was trained with {state['args'][key]!r}")
+    if state["args"]["fsdp"] != args.fsdp:
+        fail(f"--resume: {folder} was written {'without' if args.fsdp else 'with'} --fsdp; resume the same way, "
+             f"or start a new run from its weights with --model {folder} (AdamW state starts afresh)")
 
 
 def trim_metrics(out, step):

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from baselines import BASELINES
-from checkpoint import prepare_out, resume_point, save_checkpoint, set_rng_state, trim_metrics, write_args
+from checkpoint import check_resumable, checkpoints, prepare_out, resume_point, save_checkpoint, set_rng_state, trim_metrics, write_args
 from cli import ArgumentParser, fail
 from data import TEMPLATES, ChatTokenizer, GroupLoader, data_files, micro_batches, read_groups, scale_scores, tokenize_groups
 from metrics import SUMS, MetricsLog, evaluate, generation_success, ranking_metrics, ranking_sums
@@ -288,12 +288,7 @@ def train(args):
     if args.resume and state is None:
         log(f"--resume: no complete checkpoint in {args.out} yet, starting from {args.model}")
     if state:
-        for key in ("data", "batch_size", "seed", "loss"):
-            if state["args"][key] != getattr(args, key):
-                fail(f"--resume: --{key} is {getattr(args, key)!r} but {resume_dir} was trained with {state['args'][key]!r}")
-        if state["args"]["fsdp"] != args.fsdp:  # AdamW state: one file, or DCP shards under --fsdp
-            fail(f"--resume: {resume_dir} was written {'without' if args.fsdp else 'with'} --fsdp; resume the same way, "
-                 f"or start a new run from its weights with --model {resume_dir} (AdamW state starts afresh)")
+        check_resumable(state, args, resume_dir)
 
     parallel = Sharded(device, dtype, grad_sync=args.fsdp_grad_sync) if args.fsdp else Replicated(device, dtype)
     if args.loss == "dpo":  # the reference is the starting model (also on resume): scored once, then freed
@@ -395,8 +390,8 @@ def train(args):
                 if step >= total_steps:
                     break
     except KeyboardInterrupt:
-        last = resume_point(args.out, lambda *a: None)[0] if master else None
-        fail(f"interrupted at step {step}; --resume would continue from {last or args.model}")
+        last = (checkpoints(args.out) or [args.model])[-1]
+        fail(f"interrupted at step {step}; --resume would continue from {last}")
 
     run_eval()
     final = os.path.join(args.out, "final")
