@@ -176,3 +176,39 @@ def test_trains_a_step_on_each_data_layout(setup, tmp_path, fixture, extra):
     run(*common(setup, out, **{"--data": data, "--loss": "pair_mnm", "--max_steps": 1, "--batch_size": min(n, 2), "--micro_batch_size": 1}), *extra)
     (step,) = records(out, "train")
     assert step["step"] == 1 and step["loss"] == step["loss"]
+
+
+def test_help_shows_every_default(capsys):
+    """`python train.py --help` prints each flag's default (argparse's defaults formatter), among
+    them the AdamW betas, which are PyTorch's (0.9, 0.999)."""
+    import re
+
+    import train
+
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    help_text = capsys.readouterr().out
+    text = " ".join(help_text.split())
+    for shown in ("(default: [0.9, 0.999])", "(default: pair_mnm)", "(default: 128)", "(default: out/run)"):
+        assert shown in text, shown
+    options = help_text[help_text.index("options:"):]
+    entries = re.split(r"^  (?=--)", options, flags=re.M)[1:]  # one entry per flag: its line(s) and help
+    entries = [e for e in entries if not e.startswith("--help")]
+    assert len(entries) > 40
+    for entry in entries:
+        assert "(default: " in " ".join(entry.split()), entry
+
+
+def test_readme_metrics_table_matches_the_records(setup, tmp_path):
+    """The field names in the README's metrics table are exactly the keys train.py writes to
+    metrics.jsonl (train and eval records), so the table cannot drift from the code."""
+    import re
+
+    out = tmp_path / "m"
+    run(*common(setup, out, **{"--loss": "pair_mnm", "--max_steps": 1, "--eval_data": setup["data"], "--eval_generate": 2}))
+    written = {k for r in records(out) for k in r} - {"split", "step"}
+    readme = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")).read()
+    table = readme[readme.index("| field | meaning | TRL's name |"):]
+    table = table[:table.index("\n\n")]
+    documented = {name for row in table.splitlines()[2:] for name in re.findall(r"`(\w+)`", row.split("|")[1])}
+    assert documented == written
