@@ -359,6 +359,9 @@ def _ddp_worker(rank, world_size, init_file, out_file):
         logps = response_logps(ddp, packed_batch(groups), chunk_size=4)
         logps.sum().backward()  # DDP averages gradients over ranks
         grads[tie] = {n: p.grad for n, p in model.named_parameters()}
+        # free DDP's reducer while the process group lives: freed after destroy_process_group, the
+        # group's destructor can wait on a gloo thread that waits for the GIL (a deadlock)
+        del ddp, logps
     if rank == 0:
         torch.save(grads, out_file)
     dist.destroy_process_group()

@@ -42,7 +42,7 @@ from metrics import SUMS, MetricsLog, evaluate, generation_success, ranking_metr
 from model import Llama, LlamaConfig, check_pretrained
 from mppo import LOSSES, has_preference
 from packing import make_batch, response_logps
-from parallel import Replicated, Sharded, all_gather, all_reduce_sum, setup_distributed, shared_atomic_dir
+from parallel import Replicated, Sharded, all_gather, all_reduce_sum, barrier, setup_distributed, shared_atomic_dir
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 POINT_LOSSES = ("point_ce", "point_mse")
@@ -267,6 +267,7 @@ def train(args):
     try:
         if master:
             prepare_out(args.out, args.resume, args.overwrite)
+        barrier()  # no rank looks for checkpoints while rank 0 cleans --out
         data_files(args.data + (args.eval_data or []))
         config = check_pretrained(args.model)
         tok = ChatTokenizer.from_pretrained(args.model, template=args.template, date_string=args.date_string)
@@ -400,6 +401,7 @@ def train(args):
     if master:
         out_log.close()
         log(f"saved {final} ({save_dtype or 'float32'})")
+    barrier()  # every rank returns (and may tear the process group down) only once rank 0 is done
     return final
 
 
