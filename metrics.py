@@ -37,8 +37,9 @@ def ranking_sums(logps, scores, mask):
     logps, scores = logps.detach().float(), scores.float()
     pairs = pair_mask(scores, mask)  # (B, K, K)
     pref = pairs.flatten(1).any(dim=1)  # (B,) groups with a preference
-    chosen = best_mask(scores, mask) & pref[:, None]  # (B, K)
-    rejected = mask & ~best_mask(scores, mask) & pref[:, None]
+    best = best_mask(scores, mask)  # (B, K)
+    chosen = best & pref[:, None]
+    rejected = mask & ~best & pref[:, None]
     logps = torch.where(mask, logps, 0.0)
     p = torch.where(mask, logps.exp(), 0.0)
     n_chosen, n_rejected = chosen.sum(dim=1).clamp(min=1), rejected.sum(dim=1).clamp(min=1)  # (B,)
