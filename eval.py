@@ -41,7 +41,8 @@ import torch.distributed as dist
 from cli import ArgumentParser, fail
 from data import TEMPLATES, ChatTokenizer, data_files, micro_batches, read_groups, tokenize_groups
 from metrics import SUMS, kendall_tau_b, ranking_metrics, ranking_sums
-from model import Llama, generate
+from generate import generate
+from model import Llama
 from packing import make_batch, response_logps
 from parallel import all_gather, setup_distributed
 

@@ -23,7 +23,7 @@ import os
 import torch
 
 from data import micro_batches
-from model import generate
+from generate import generate
 from mppo import best_mask, pair_mask
 from packing import make_batch, response_logps
 from parallel import all_reduce_sum, rank_and_world

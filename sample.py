@@ -12,7 +12,8 @@ import torch
 
 from cli import ArgumentParser, fail
 from data import TEMPLATES, ChatTokenizer
-from model import CheckpointError, ConfigError, Llama, generate
+from generate import generate
+from model import CheckpointError, ConfigError, Llama
 
 
 def main(argv=None):

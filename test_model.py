@@ -20,8 +20,8 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 import model as model_module
-from model import (CheckpointError, ConfigError, Llama, LlamaConfig, atomic_dir, check_pretrained, clean_stale,
-                   generate, sample_token)
+from generate import generate, sample_token
+from model import CheckpointError, ConfigError, Llama, LlamaConfig, atomic_dir, check_pretrained, clean_stale
 
 transformers.logging.set_verbosity_error()
 
