@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from cli import fail
-from model import clean_stale, crash_point
+from hf_format import clean_stale, crash_point
 from parallel import all_gather, barrier, shared_atomic_dir
 
 OUTPUTS = ("args.json", "metrics.jsonl", "final")  # besides checkpoint-*: what --overwrite deletes

@@ -45,7 +45,8 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import Llama, LlamaConfig, atomic_dir, checkpoint_tensors
+from hf_format import atomic_dir
+from model import Llama, LlamaConfig, checkpoint_tensors
 
 
 def setup_distributed(device_arg=None):

@@ -21,7 +21,8 @@ from safetensors.torch import load_file, save_file
 
 import model as model_module
 from generate import generate, sample_token
-from model import CheckpointError, ConfigError, Llama, LlamaConfig, atomic_dir, check_pretrained, clean_stale
+from hf_format import atomic_dir, clean_stale
+from model import CheckpointError, ConfigError, Llama, LlamaConfig, check_pretrained
 
 transformers.logging.set_verbosity_error()
 
