@@ -180,7 +180,7 @@ def test_tie_at_top_hand():
     }
     p, scores = TIE_TOP
     for name, value in expected.items():
-        torch.testing.assert_close(LOSSES[name](logs(p), t(scores)), t([value]), rtol=1e-12, atol=0, msg=name)
+        torch.testing.assert_close(LOSSES[name](logs(p), t(scores)), t([value]), rtol=1e-12, atol=0, msg=lambda report, name=name: f"{name}: {report}")
 
 
 def test_tie_at_top_pair_single_hand():
@@ -215,7 +215,7 @@ def test_tie_in_middle_hand():
     }
     p, scores = TIE_MIDDLE
     for name, value in expected.items():
-        torch.testing.assert_close(LOSSES[name](logs(p), t(scores)), t([value]), rtol=1e-12, atol=0, msg=name)
+        torch.testing.assert_close(LOSSES[name](logs(p), t(scores)), t([value]), rtol=1e-12, atol=0, msg=lambda report, name=name: f"{name}: {report}")
     single = mppo.pair_single(logs(p * 200), t(scores * 200), generator=torch.Generator().manual_seed(0))
     assert {round(x, 12) for x in single.tolist()} == {round(ls(0.25), 12), round(ls(0.5), 12)}
 
@@ -259,7 +259,7 @@ def test_issue_example_both_orders_agree():
     logps, scores = t([[-0.1, -2.0, -1.0]]), t([[3.0, 3.0, 1.0]])
     for name, value in expected.items():
         for order in ([0, 1, 2], [1, 0, 2]):
-            torch.testing.assert_close(LOSSES[name](logps[:, order], scores), t([value]), rtol=1e-12, atol=0, msg=name)
+            torch.testing.assert_close(LOSSES[name](logps[:, order], scores), t([value]), rtol=1e-12, atol=0, msg=lambda report, name=name: f"{name}: {report}")
 
 
 # ---------------------------------------------------------------------------
@@ -338,7 +338,7 @@ def test_two_responses_all_pairwise_losses_agree():
     w = scores.argmax(dim=1, keepdim=True)
     expected = -torch.nn.functional.logsigmoid(p.gather(1, w) - p.gather(1, 1 - w)).squeeze(1)
     for name in PAIRWISE:
-        torch.testing.assert_close(LOSSES[name](logps, scores), expected, rtol=1e-12, atol=1e-12, msg=name)
+        torch.testing.assert_close(LOSSES[name](logps, scores), expected, rtol=1e-12, atol=1e-12, msg=lambda report, name=name: f"{name}: {report}")
 
 
 @pytest.mark.parametrize("name", PAIRWISE)

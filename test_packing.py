@@ -118,10 +118,10 @@ def test_layouts_match_unshared_reference_values_and_grads(tie):
     for name, compute in candidates.items():
         logps = compute()
         assert logps.dtype == torch.float32 and logps.shape == ref.shape, name
-        torch.testing.assert_close(logps, ref, rtol=0, atol=1e-5, msg=name)
+        torch.testing.assert_close(logps, ref, rtol=0, atol=1e-5, msg=lambda report, name=name: f"{name}: {report}")
         assert (logps[~mask] == 0).all(), name
         for pname, g in grads_of(model, compute(), weights).items():
-            torch.testing.assert_close(g, ref_grads[pname], rtol=1e-4, atol=1e-6, msg=f"{name}: {pname}")
+            torch.testing.assert_close(g, ref_grads[pname], rtol=1e-4, atol=1e-6, msg=lambda report, name=name, pname=pname: f"{name}: {pname}: {report}")
 
 
 def test_packed_bf16_within_documented_tolerance():
@@ -382,4 +382,4 @@ def test_ddp_all_reduces_the_head_used_outside_forward(tmp_path):
         loss = sum(response_logps(model, packed_batch(groups[r::2]), full_logits=True).sum() for r in range(2)) / 2
         loss.backward()
         for name, p in model.named_parameters():
-            torch.testing.assert_close(got[tie][name], p.grad, rtol=1e-4, atol=1e-6, msg=f"tie={tie}: {name}")
+            torch.testing.assert_close(got[tie][name], p.grad, rtol=1e-4, atol=1e-6, msg=lambda report, tie=tie, name=name: f"tie={tie}: {name}: {report}")

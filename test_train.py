@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from conftest import common, records, run, run_cli, weights
+from conftest import LR, assert_same_training, common, records, run, run_cli, weights
 from model import Llama
 
 LOSS_NAMES = ["point_ce", "point_mse", "pair_single", "pair_mns", "pair_mnm", "pair_mcs", "pair_mcm", "list_mle"]
@@ -56,8 +56,7 @@ def test_ddp_two_processes_equal_one_process(setup, tmp_path):
     assert a.keys() == b.keys()
     start = weights(setup["model"])
     assert any(not torch.equal(a[k], start[k]) for k in a)  # training moved the weights
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert_same_training(b, a, LR, steps=3)
 
 
 def test_resume_is_bit_identical(setup, tmp_path):
@@ -103,7 +102,7 @@ def test_gradient_checkpointing_same_result(setup, tmp_path):
     run(*common(setup, tmp_path / "b", **{"--loss": "pair_mcm", "--max_steps": 3}), "--gradient_checkpointing")
     a, b = weights(tmp_path / "a" / "final"), weights(tmp_path / "b" / "final")
     for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-6, atol=1e-7, msg=k)
+        torch.testing.assert_close(b[k], a[k], rtol=1e-6, atol=1e-7, msg=lambda report, k=k: f"{k}: {report}")
 
 
 @pytest.mark.parametrize("flag", [("--layout", "padded"), ("--attn_impl", "segments")])
@@ -113,8 +112,7 @@ def test_other_layouts_same_result(setup, tmp_path, flag):
     run(*common(setup, tmp_path / "a", **{"--loss": "pair_mnm", "--max_steps": 3}))
     run(*common(setup, tmp_path / "b", **{"--loss": "pair_mnm", "--max_steps": 3, flag[0]: flag[1]}))
     a, b = weights(tmp_path / "a" / "final"), weights(tmp_path / "b" / "final")
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
+    assert_same_training(b, a, LR, steps=3)
 
 
 def test_checkpoint_loads_in_transformers(setup, tmp_path):
@@ -167,7 +165,7 @@ def test_bad_invocations_fail_in_one_line(setup, tmp_path, case):
 def test_trains_a_step_on_each_data_layout(setup, tmp_path, fixture, extra):
     """python train.py on each real-shaped data file of testdata/, read as downloaded: one optimizer
     step runs and logs a finite loss (Pair-MNM; Parquet files and folders: test_data.py)."""
-    from data import read_groups
+    from formats import read_groups
 
     data = os.path.join(os.path.dirname(os.path.abspath(__file__)), "testdata", fixture)
     score_field = extra[1] if extra else None
