@@ -54,7 +54,9 @@ import torch
 
 import train
 from cli import ArgumentParser
-from data import ChatTokenizer, read_groups, tokenize_groups
+from chat import ChatTokenizer
+from data import tokenize_groups
+from formats import read_groups
 from metrics import evaluate, generation_success
 from model import Llama, LlamaConfig
 from parallel import Replicated

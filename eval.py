@@ -39,7 +39,9 @@ import torch
 import torch.distributed as dist
 
 from cli import ArgumentParser, fail
-from data import TEMPLATES, ChatTokenizer, data_files, micro_batches, read_groups, tokenize_groups
+from chat import TEMPLATES, ChatTokenizer
+from data import micro_batches, tokenize_groups
+from formats import data_files, read_groups
 from metrics import SUMS, kendall_tau_b, ranking_metrics, ranking_sums
 from generate import generate
 from model import Llama

@@ -11,7 +11,7 @@ import os
 import torch
 
 from cli import ArgumentParser, fail
-from data import TEMPLATES, ChatTokenizer
+from chat import TEMPLATES, ChatTokenizer
 from generate import generate
 from model import CheckpointError, ConfigError, Llama
 

@@ -20,7 +20,11 @@ import pytest
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 import data
-from data import ChatTokenizer, DataError, Group, GroupLoader, TokenizedGroup, micro_batches, read_groups, tokenize_groups
+import formats
+from chat import ChatTokenizer
+from data import GroupLoader, TokenizedGroup, micro_batches, tokenize_groups
+from formats import DataError, Group, read_groups
+from hf_format import CheckpointError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -280,7 +284,7 @@ def test_template_detection(tmp_path, monkeypatch):
     pytest.importorskip("jinja2")
     assert ChatTokenizer.from_pretrained(llama3_dir(tmp_path / "e", template="{{ messages }}")).template == "jinja"
     monkeypatch.setitem(sys.modules, "jinja2", None)  # as if jinja2 were not installed: importing it fails
-    with pytest.raises(data.CheckpointError, match=r"needs jinja2 \(pip install jinja2\); or pass --template"):
+    with pytest.raises(CheckpointError, match=r"needs jinja2 \(pip install jinja2\); or pass --template"):
         ChatTokenizer.from_pretrained(str(tmp_path / "e"))
     assert ChatTokenizer.from_pretrained(str(tmp_path / "e"), template="llama3").template == "llama3"
     with pytest.raises(ValueError, match="needs the token <|im_start|>"):
@@ -431,7 +435,7 @@ def test_ultrafeedback_missing_ratings(tmp_path):
     assert [(g.prompt, g.responses, g.scores) for g in groups] == [
         ("p0", ["a", "b", "c"], [8.0, 6.0, 5.0]), ("p1", ["a", "b"], [9.0, 2.0])]
     assert report.skipped == {"fewer than 2 responses": [3, 4]}
-    assert report.dropped == {data.UNRATED: [3, 4, 4]}
+    assert report.dropped == {formats.UNRATED: [3, 4, 4]}
     assert "dropped 3 UltraFeedback completions without a usable rating (lines 3, 4)" in report.summary()
 
 
@@ -777,7 +781,7 @@ def test_jinja_template_errors(tmp_path):
     t = ChatTokenizer.from_pretrained(write_checkpoint(tmp_path / "b", tok, {"eos_token": "</s>", "chat_template": plain}))
     with pytest.raises(ValueError, match=r"no stop token \(</s>\)"):
         t.render_response("a", prompt="q")
-    with pytest.raises(data.CheckpointError, match="does not compile"):
+    with pytest.raises(CheckpointError, match="does not compile"):
         ChatTokenizer.from_pretrained(write_checkpoint(tmp_path / "c", tok, {"eos_token": "</s>", "chat_template": "{% for %}"}))
 
 
@@ -787,12 +791,12 @@ def test_broken_tokenizer_json_is_one_line(tmp_path):
     path = llama3_dir(tmp_path)
     full = (tmp_path / "tokenizer.json").read_text()
     (tmp_path / "tokenizer.json").write_text(full[:len(full) // 2])
-    with pytest.raises(data.CheckpointError, match=re.escape(f"{tmp_path / 'tokenizer.json'}: not a valid tokenizer.json")) as e:
+    with pytest.raises(CheckpointError, match=re.escape(f"{tmp_path / 'tokenizer.json'}: not a valid tokenizer.json")) as e:
         ChatTokenizer.from_pretrained(path)
     assert "\n" not in str(e.value)
     (tmp_path / "tokenizer.json").write_text(full)
     (tmp_path / "tokenizer_config.json").write_text('{"eos_token": ')
-    with pytest.raises(data.CheckpointError, match=re.escape(f"{tmp_path / 'tokenizer_config.json'}:1: invalid JSON")):
+    with pytest.raises(CheckpointError, match=re.escape(f"{tmp_path / 'tokenizer_config.json'}:1: invalid JSON")):
         ChatTokenizer.from_pretrained(path)
 
 
@@ -810,22 +814,22 @@ def test_data_files_folder_glob_list(tmp_path):
                  ".cache/huggingface/x.jsonl", "data/.hidden.jsonl", "data/notes.txt"):
         (tmp_path / "d" / name).write_text("")
     d = str(tmp_path / "d")
-    assert data.data_files(d) == [f"{d}/data/a.parquet", f"{d}/data/b.jsonl", f"{d}/data/sub/c.json.gz", f"{d}/top.json"]
-    assert data.data_files(f"{d}/data/*.jsonl") == [f"{d}/data/b.jsonl"]
-    assert data.data_files(f"{d}/**/*.gz") == [f"{d}/data/sub/c.json.gz"]
-    assert data.data_files([f"{d}/top.json", f"{d}/data/sub"]) == [f"{d}/top.json", f"{d}/data/sub/c.json.gz"]
-    assert data.data_files(f"{d}/data/notes.txt") == [f"{d}/data/notes.txt"]  # a file named explicitly is read whatever its name
+    assert formats.data_files(d) == [f"{d}/data/a.parquet", f"{d}/data/b.jsonl", f"{d}/data/sub/c.json.gz", f"{d}/top.json"]
+    assert formats.data_files(f"{d}/data/*.jsonl") == [f"{d}/data/b.jsonl"]
+    assert formats.data_files(f"{d}/**/*.gz") == [f"{d}/data/sub/c.json.gz"]
+    assert formats.data_files([f"{d}/top.json", f"{d}/data/sub"]) == [f"{d}/top.json", f"{d}/data/sub/c.json.gz"]
+    assert formats.data_files(f"{d}/data/notes.txt") == [f"{d}/data/notes.txt"]  # a file named explicitly is read whatever its name
     with pytest.raises(DataError, match=re.escape(f"no such data file: {d}/nope.jsonl")):
-        data.data_files([f"{d}/top.json", f"{d}/nope.jsonl"])
+        formats.data_files([f"{d}/top.json", f"{d}/nope.jsonl"])
     with pytest.raises(DataError, match=re.escape(f"no such data file: {d}/*.parquet")):
-        data.data_files(f"{d}/*.parquet")
+        formats.data_files(f"{d}/*.parquet")
     (tmp_path / "d" / "docs" / ".cache").mkdir(parents=True)
     (tmp_path / "d" / "docs" / "README.md").write_text("")
     (tmp_path / "d" / "docs" / ".cache" / "x.jsonl").write_text("")
     with pytest.raises(DataError, match=re.escape(f"{d}/docs: no data files (.jsonl, .json, .parquet, .jsonl.gz, .json.gz) in this folder")):
-        data.data_files(f"{d}/docs")  # a README and a hidden folder's file: nothing to read
+        formats.data_files(f"{d}/docs")  # a README and a hidden folder's file: nothing to read
     with pytest.raises(FileNotFoundError):  # DataError and FileNotFoundError both, as before
-        data.data_files(f"{d}/nope")
+        formats.data_files(f"{d}/nope")
 
 
 def test_ultrafeedback_folder_gzip_and_json_lines_in_json(tmp_path):
@@ -903,12 +907,12 @@ def test_parquet_without_pyarrow_and_numpy_values(tmp_path, monkeypatch):
     with pytest.raises(DataError, match=re.escape(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)")):
         read_groups(path)
     row = {"prompt": "p", "all_generated_responses": np.array(["a", "b"], dtype=object), "all_rm_scores": np.array([1.5, 2.0], dtype=np.float32)}
-    assert data.PARSERS["simpo"](row, "w") == ("p", ["a", "b"], [1.5, 2.0], 0)
-    assert data.PARSERS["pairwise"]({"prompt": "p", "chosen": "a", "rejected": "b", "score_chosen": np.int64(3), "score_rejected": np.float64(1)}, "w")[2] == [3.0, 1.0]
+    assert formats.PARSERS["simpo"](row, "w") == ("p", ["a", "b"], [1.5, 2.0], 0)
+    assert formats.PARSERS["pairwise"]({"prompt": "p", "chosen": "a", "rejected": "b", "score_chosen": np.int64(3), "score_rejected": np.float64(1)}, "w")[2] == [3.0, 1.0]
     with pytest.raises(DataError, match=r"w: field 'all_rm_scores\[1\]': score is nan"):
-        data.PARSERS["simpo"]({**row, "all_rm_scores": np.array([1.0, np.nan])}, "w")
+        formats.PARSERS["simpo"]({**row, "all_rm_scores": np.array([1.0, np.nan])}, "w")
     with pytest.raises(DataError, match=r"w: field 'all_rm_scores\[0\]': expected a number, got bool"):
-        data.PARSERS["simpo"]({**row, "all_rm_scores": [np.bool_(True), 1.0]}, "w")
+        formats.PARSERS["simpo"]({**row, "all_rm_scores": [np.bool_(True), 1.0]}, "w")
 
 
 # -----------------------------------------------------------------------------

@@ -17,7 +17,9 @@ import pytest
 import torch
 
 import eval as ev
-from data import ChatTokenizer, read_groups, tokenize_groups
+from chat import ChatTokenizer
+from data import tokenize_groups
+from formats import read_groups
 from conftest import DEMO, save_demo_llama
 from model import Llama
 

@@ -37,7 +37,9 @@ import torch
 from baselines import BASELINES
 from checkpoint import check_resumable, checkpoints, prepare_out, resume_point, save_checkpoint, set_rng_state, trim_metrics, write_args
 from cli import ArgumentParser, fail
-from data import TEMPLATES, ChatTokenizer, GroupLoader, data_files, micro_batches, read_groups, scale_scores, tokenize_groups
+from chat import TEMPLATES, ChatTokenizer
+from data import GroupLoader, micro_batches, scale_scores, tokenize_groups
+from formats import data_files, read_groups
 from metrics import SUMS, MetricsLog, evaluate, generation_success, ranking_metrics, ranking_sums
 from model import Llama, LlamaConfig, check_pretrained
 from mppo import LOSSES, has_preference
