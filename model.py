@@ -3,28 +3,22 @@ Llama 2 / 3 / 3.1 / 3.2 in plain PyTorch, reading and writing Hugging Face check
 
 Module and parameter names are exactly transformers' LlamaForCausalLM names, so a checkpoint loads
 with a strict state-dict load and no key map, and what save_pretrained writes loads in transformers.
-config.json is read the way transformers reads it: a key it honours with a value this model does not
-compute is refused, a key it does not read is ignored (and reported). check_pretrained checks a
-whole folder from the safetensors headers, before any tensor is read.
-Depends only on torch, safetensors and the standard library.
+The folder format itself (config.json as transformers reads it, safetensors checks, sharded writing,
+atomic folders) is hf_format.py's. Depends only on torch and hf_format.py.
 """
 
-import json
 import math
-import shutil
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
 
-from hf_format import CheckpointError, ConfigError, atomic_dir, crash_point
+from hf_format import (ConfigError, as_torch_dtype, atomic_dir, config_json, parse_config, read_config,
+                       read_pretrained, tensor_slices, write_checkpoint)
 
 
 @dataclass
@@ -61,23 +55,22 @@ class LlamaConfig:
 
     @classmethod
     def from_json(cls, path):
-        try:
-            with open(path) as f:
-                d = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_dict(d, source=str(path))
+        """Read config.json as transformers reads it (see hf_format.parse_config)."""
+        return cls.from_values(read_config(path), source=str(path))
 
     @classmethod
     def from_dict(cls, d, source="config.json"):
-        return parse_config(d, source)  # validation lives with the checkpoint code below
+        return cls.from_values(parse_config(d, source), source)
+
+    @classmethod
+    def from_values(cls, values, source="config.json"):
+        try:
+            return cls(**values)
+        except ConfigError as e:  # __post_init__'s checks, now with the file name
+            raise ConfigError(f"{source}: {e}") from None
 
     def to_dict(self):
-        # RoPE goes out as the older rope_theta / rope_scaling keys: transformers v4 reads only those,
-        # and v5 converts them to its rope_parameters on load.
-        d = {k: v for k, v in asdict(self).items() if k != "ignored_keys"}
-        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **d,
-                **{k: allowed[0] for k, allowed in FIXED_KEYS.items()}}
+        return config_json({k: v for k, v in asdict(self).items() if k != "ignored_keys"})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -262,27 +255,27 @@ class Llama(nn.Module):
                 for _ in range(c.num_hidden_layers)]
 
     @classmethod
+    def tensor_shapes(cls, config):
+        """{name: shape} of every weight of the model config describes (what its checkpoint folder holds)."""
+        with torch.device("meta"):
+            return {name: tuple(t.shape) for name, t in cls(config).state_dict().items()}
+
+    @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu"):
         """Load a HF checkpoint folder (model.safetensors, or shards listed in model.safetensors.index.json)
         in `dtype` on `device`. Every file is checked (see check_pretrained) before any tensor is read."""
-        path = Path(path)
-        if not path.is_dir():
-            raise FileNotFoundError(f"{path}: no such checkpoint folder")
-        config = LlamaConfig.from_json(path / "config.json")
-        if config.ignored_keys and not (dist.is_available() and dist.is_initialized() and dist.get_rank() > 0):
-            print(f"{path / 'config.json'}: ignoring {', '.join(config.ignored_keys)} "
-                  "(transformers does not read them either)")
+        config, located = read_pretrained(path, LlamaConfig.from_values, cls.tensor_shapes, report_ignored=True)
         with torch.device("meta"):  # no memory until the real tensors are assigned below
             model = cls(config)
         # one tensor at a time, straight into its final dtype/device: no second copy of the model
         dtype = as_torch_dtype(dtype)
-        state = {name: tensor[:].to(device=device, dtype=dtype) for name, tensor in checkpoint_tensors(path, config)}
+        state = {name: tensor[:].to(device=device, dtype=dtype) for name, tensor in tensor_slices(located)}
         if config.tie_word_embeddings:
             state["lm_head.weight"] = state["model.embed_tokens.weight"]
         model.load_state_dict(state, strict=True, assign=True)
         if config.tie_word_embeddings:  # assign=True gave the two modules separate Parameter objects; share one again
             model.lm_head.weight = model.model.embed_tokens.weight
-        model.source_dir = str(path)
+        model.source_dir = str(Path(path))
         return model
 
     def save_pretrained(self, path, source_dir=None, state_dict=None, dtype=None, atomic=True,
@@ -298,283 +291,10 @@ class Llama(nn.Module):
         if not atomic:
             Path(path).mkdir(parents=True, exist_ok=True)
         with atomic_dir(path) if atomic else nullcontext(Path(path)) as folder:
-            write_checkpoint(folder, self.config, state, source, dtype, max_shard_size)
-
-
-# ----------------------------------------------------------------------------------------------
-# reading config.json like transformers' LlamaConfig
-
-
-# keys transformers reads whose every other value changes the computation (first value: what we write)
-FIXED_KEYS = {"hidden_act": ("silu", "swish"), "attention_bias": (False,), "mlp_bias": (False,),
-              "attention_dropout": (0.0,)}
-# keys transformers reads that do not change the computation: its own bookkeeping, which every
-# config.json it writes carries (pretraining_tp only split the same matmuls into slices in old versions)
-SILENT_KEYS = ("transformers_version", "use_cache", "initializer_range", "pretraining_tp",
-               "output_attentions", "output_hidden_states", "return_dict")
-POSITIVE, INT, NUMBER, BOOL = "a positive integer", "an integer", "a number", "true or false"
-FIELD_KINDS = dict(vocab_size=POSITIVE, hidden_size=POSITIVE, intermediate_size=POSITIVE, num_hidden_layers=POSITIVE,
-                   num_attention_heads=POSITIVE, num_key_value_heads=POSITIVE, head_dim=POSITIVE,
-                   max_position_embeddings=POSITIVE, rms_norm_eps=NUMBER, tie_word_embeddings=BOOL,
-                   bos_token_id=INT, eos_token_id=INT, pad_token_id=INT)
-REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-READ_KEYS = {*FIELD_KINDS, *FIXED_KEYS, *SILENT_KEYS, "architectures", "model_type", "quantization_config",
-             "torch_dtype", "dtype", "rope_theta", "rope_scaling", "rope_parameters"}
-DTYPES = ("float32", "bfloat16", "float16", "float64")
-
-
-def parse_config(raw, source="config.json"):
-    """LlamaConfig from a config.json dict, or a one-line ConfigError naming source, the key and its value."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: expected a JSON object, got {_short(raw)}")
-    d = {k: v for k, v in raw.items() if v is not None}  # HF writes null for "not set"
-
-    def refuse(key, why):
-        raise ConfigError(f"{source}: '{key}' is {_short(d[key])}; {why}")
-
-    if d.get("architectures", ["LlamaForCausalLM"]) != ["LlamaForCausalLM"]:
-        refuse("architectures", "only ['LlamaForCausalLM'] is supported")
-    if d.get("model_type", "llama") != "llama":
-        refuse("model_type", "only 'llama' is supported")
-    for key, allowed in FIXED_KEYS.items():
-        if key in d and (d[key] not in allowed or isinstance(d[key], bool) != isinstance(allowed[0], bool)):
-            refuse(key, f"this implementation computes only {allowed[0]!r}")
-    if "quantization_config" in d:
-        refuse("quantization_config", "quantized checkpoints are not supported")
-    values = {}
-    for key, kind in FIELD_KINDS.items():
-        if key in d:
-            values[key] = _typed(source, key, d[key], kind)
-    for key in REQUIRED:
-        if key not in values:
-            raise ConfigError(f"{source}: required key '{key}' is missing")
-    dtype = d.get("dtype", d.get("torch_dtype"))  # transformers keeps dtype when both are present
-    if dtype is not None:
-        key = "dtype" if "dtype" in d else "torch_dtype"
-        if not isinstance(dtype, str) or dtype.removeprefix("torch.") not in DTYPES:
-            refuse(key, f"expected one of {', '.join(DTYPES)}")
-        values["torch_dtype"] = dtype.removeprefix("torch.")
-    values["rope_theta"], values["rope_scaling"] = _parse_rope(d, source)
-    values["ignored_keys"] = tuple(k for k in raw if k not in READ_KEYS)
-    try:
-        return LlamaConfig(**values)
-    except ConfigError as e:  # __post_init__'s checks, now with the file name
-        raise ConfigError(f"{source}: {e}") from None
-
-
-def _short(value):
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _typed(source, key, value, kind):
-    is_int = isinstance(value, int) and not isinstance(value, bool)
-    ok = {POSITIVE: is_int and value > 0, INT: is_int, BOOL: isinstance(value, bool),
-          NUMBER: isinstance(value, (int, float)) and not isinstance(value, bool)}[kind]
-    if key == "eos_token_id" and isinstance(value, list):  # Llama 3 instruct models stop on any of several
-        ok = bool(value) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-    if not ok:
-        raise ConfigError(f"{source}: '{key}' is {_short(value)}; expected {kind}")
-    return float(value) if kind == NUMBER else value
-
-
-def _parse_rope(d, source):
-    """(rope_theta, rope_scaling) from the old-style keys (rope_theta, rope_scaling) and/or the new-style
-    rope_parameters, with rope_scaling normalised to None or a llama3 dict."""
-    max_pos = d.get("max_position_embeddings", 2048)
-
-    def parse(rope, theta, key):
-        if not isinstance(rope, dict):
-            raise ConfigError(f"{source}: '{key}' is {_short(rope)}; expected an object")
-        rope = dict(rope)
-        rope_type = rope.pop("rope_type", rope.pop("type", "default"))  # "type" is the pre-4.45 spelling
-        theta = _typed(source, f"{key}.rope_theta", rope.pop("rope_theta", theta), NUMBER)
-        scaling = None
-        if rope_type == "llama3":
-            scaling = {"rope_type": "llama3"}
-            for k in ("factor", "low_freq_factor", "high_freq_factor"):
-                if k not in rope:
-                    raise ConfigError(f"{source}: '{key}.{k}' is missing (required by rope_type 'llama3')")
-                scaling[k] = _typed(source, f"{key}.{k}", rope.pop(k), NUMBER)
-            # transformers falls back to max_position_embeddings as well
-            k = "original_max_position_embeddings"
-            scaling[k] = _typed(source, f"{key}.{k}", rope.pop(k, max_pos), POSITIVE)
-        elif rope_type != "default":  # linear, dynamic, yarn, longrope, ...: other position encodings
-            raise ConfigError(f"{source}: '{key}.rope_type' is {rope_type!r}; "
-                              "only 'default' and 'llama3' are supported")
-        if rope:
-            raise ConfigError(f"{source}: unsupported key '{key}.{next(iter(rope))}' for rope_type {rope_type!r}")
-        return theta, scaling
-
-    theta = _typed(source, "rope_theta", d["rope_theta"], NUMBER) if "rope_theta" in d else None
-    scaling = d.get("rope_scaling")
-    default_theta = theta if theta is not None else 10000.0
-    old = parse(scaling or {}, default_theta, "rope_scaling")
-    if "rope_parameters" not in d:
-        return old
-    new = parse(d["rope_parameters"], default_theta, "rope_parameters")
-    if (theta is not None and new[0] != old[0]) or (scaling is not None and new[1] != old[1]):
-        raise ConfigError(f"{source}: 'rope_parameters' disagrees with 'rope_theta'/'rope_scaling'")
-    return new
-
-
-def as_torch_dtype(dtype):
-    return getattr(torch, dtype.removeprefix("torch.")) if isinstance(dtype, str) else dtype
-
-
-# ----------------------------------------------------------------------------------------------
-# checking and reading checkpoint folders
-
-
-SAFETENSORS_FLOATS = ("F32", "BF16", "F16", "F64")  # dtypes a weight may be stored in
+            write_checkpoint(folder, self.config.to_dict(), state, source, dtype, max_shard_size)
 
 
 def check_pretrained(path):
-    """Check a HF checkpoint folder without reading tensor data: config.json parses and asks for nothing
-    this model cannot compute, and every safetensors header holds exactly the tensors config implies
-    (name, shape, floating dtype), each lying inside its file. Returns the LlamaConfig, or raises one
-    ConfigError / CheckpointError line naming the file and the key or tensor."""
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such checkpoint folder")
-    config = LlamaConfig.from_json(path / "config.json")
-    _locate_tensors(path, config)
-    return config
-
-
-def checkpoint_tensors(path, config):
-    """Yield (name, tensor slice) for every weight of the HF checkpoint folder `path`, lazily: a slice
-    reads nothing until indexed, slice[:] is the whole tensor and slice[a:b] only rows a..b-1 (how a
-    sharded loader reads just its own rows). All of check_pretrained's checks on the files run before
-    the first tensor is yielded. A tied lm_head.weight is not yielded: it is model.embed_tokens.weight."""
-    by_file = {}
-    for name, file in _locate_tensors(Path(path), config).items():
-        by_file.setdefault(file, []).append(name)
-    for file, names in by_file.items():
-        with safe_open(file, framework="pt", device="cpu") as f:
-            for name in names:
-                yield name, f.get_slice(name)
-
-
-def _locate_tensors(path, config):
-    """{tensor name: file holding it}, after checking every safetensors header against config."""
-    with torch.device("meta"):
-        expected = {name: tuple(t.shape) for name, t in Llama(config).state_dict().items()}
-    tied = config.tie_word_embeddings
-    if tied:  # HF omits it from the file; older saves may not
-        del expected["lm_head.weight"]
-    located = {}
-    for file, listed in _checkpoint_files(path):
-        header = read_safetensors_header(file)
-        for name in listed:
-            if name not in header:
-                raise CheckpointError(f"{file}: missing tensor '{name}' (listed in model.safetensors.index.json)")
-        for name, (dtype, shape) in header.items():
-            if name.endswith("rotary_emb.inv_freq") or (tied and name == "lm_head.weight"):
-                continue  # recomputed from config / shared with embed_tokens
-            if name not in expected:
-                raise CheckpointError(f"{file}: unexpected tensor '{name}'")
-            if name in located:
-                raise CheckpointError(f"{file}: tensor '{name}' also appears in {located[name].name}")
-            if shape != expected[name]:
-                raise CheckpointError(f"{file}: tensor '{name}' has shape {shape}, "
-                                      f"config.json implies {expected[name]}")
-            if dtype not in SAFETENSORS_FLOATS:
-                raise CheckpointError(f"{file}: tensor '{name}' is stored as {dtype}; expected one of "
-                                      f"{', '.join(SAFETENSORS_FLOATS)} (quantized weights are not supported)")
-            located[name] = file
-    missing = [name for name in expected if name not in located]
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        where = next(f for f in (path / "model.safetensors.index.json", path / "model.safetensors") if f.is_file())
-        raise CheckpointError(f"{where}: missing tensor '{missing[0]}'{more}")
-    return located
-
-
-def _checkpoint_files(path):
-    """[(safetensors file, tensor names the index places in it)]."""
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text()).get("weight_map")
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
-            raise CheckpointError(f"{index}: not a valid index ({e})") from None
-        if not isinstance(weight_map, dict):
-            raise CheckpointError(f"{index}: no 'weight_map'")
-        shards = {}
-        for name, shard in weight_map.items():
-            shards.setdefault(shard, []).append(name)
-        for shard, names in shards.items():
-            if not (path / shard).is_file():
-                raise CheckpointError(f"{index}: shard '{shard}' is missing "
-                                      f"(it holds '{names[0]}' and {len(names) - 1} more)")
-        return [(path / shard, names) for shard, names in shards.items()]
-    if (path / "model.safetensors").is_file():
-        return [(path / "model.safetensors", [])]
-    raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
-
-
-def read_safetensors_header(file):
-    """{tensor name: (dtype, shape)} from a safetensors file's header: an 8-byte little-endian length,
-    then that many bytes of JSON giving each tensor's dtype, shape and byte range in the data that follows.
-    A truncated file (an interrupted download or copy) is caught here, by its last byte range."""
-    size = file.stat().st_size
-    with open(file, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        if size < 8 or n > size - 8 or n > 100 * 2**20:
-            raise CheckpointError(f"{file}: not a safetensors file (header of {n} bytes in a file of {size})")
-        try:
-            header = json.loads(f.read(n))
-            header.pop("__metadata__", None)
-            tensors = {name: (h["dtype"], tuple(int(x) for x in h["shape"]), int(h["data_offsets"][1]))
-                       for name, h in header.items()}
-        except (ValueError, TypeError, KeyError, AttributeError) as e:
-            raise CheckpointError(f"{file}: the safetensors header does not parse ({type(e).__name__}: {e})") from None
-    if tensors:
-        name, (_, _, end) = max(tensors.items(), key=lambda item: item[1][2])
-        if 8 + n + end > size:
-            raise CheckpointError(f"{file}: truncated: tensor '{name}' ends at byte {8 + n + end}, the file has {size}")
-    return {name: (dtype, shape) for name, (dtype, shape, _) in tensors.items()}
-
-
-# ----------------------------------------------------------------------------------------------
-# writing checkpoint folders
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "chat_template.jinja", "generation_config.json")  # copied so the folder is complete
-
-
-def write_checkpoint(folder, config, state, source_dir=None, dtype=None, max_shard_size=5 * 1024**3):
-    """Write state (a Llama state dict) into the existing folder as HF shards + index, config.json, and
-    source_dir's tokenizer / generation files; tensors cast to dtype if given."""
-    folder, dtype = Path(folder), as_torch_dtype(dtype)
-    if config.tie_word_embeddings:
-        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
-    item_size = dtype.itemsize if dtype is not None else None
-    shards, size = [[]], 0  # consecutive tensors, at most max_shard_size bytes per shard
-    for name, t in state.items():
-        nbytes = t.numel() * (item_size or t.element_size())
-        if shards[-1] and size + nbytes > max_shard_size:
-            shards, size = shards + [[]], 0
-        shards[-1].append(name)
-        size += nbytes
-    weight_map, total_size = {}, 0
-    for i, names in enumerate(shards):
-        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {n: state[n].detach().to("cpu", dtype).contiguous() for n in names}
-        save_file(tensors, folder / file, metadata={"format": "pt"})
-        crash_point()
-        weight_map.update({n: file for n in names})
-        total_size += sum(t.numel() * t.element_size() for t in tensors.values())
-    index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    crash_point()
-    written = dtype or next(iter(state.values())).dtype
-    config_dict = {**config.to_dict(), "torch_dtype": str(written).removeprefix("torch.")}
-    (folder / "config.json").write_text(json.dumps(config_dict, indent=2) + "\n")
-    crash_point()
-    for name in TOKENIZER_FILES if source_dir is not None else ():
-        if (Path(source_dir) / name).is_file():
-            shutil.copy2(Path(source_dir) / name, folder / name)
-            crash_point()
+    """Check a HF checkpoint folder without reading tensor data (see hf_format.read_pretrained): returns
+    the LlamaConfig, or raises one ConfigError / CheckpointError line naming the file and the key or tensor."""
+    return read_pretrained(path, LlamaConfig.from_values, Llama.tensor_shapes)[0]

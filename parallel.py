@@ -45,8 +45,8 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from hf_format import atomic_dir
-from model import Llama, LlamaConfig, checkpoint_tensors
+from hf_format import atomic_dir, read_pretrained, tensor_slices
+from model import Llama, LlamaConfig
 
 
 def setup_distributed(device_arg=None):
@@ -169,12 +169,7 @@ class Sharded(Replicated):
     def _load_sharded(self, path):
         """A sharded Llama from a Hugging Face folder. Each rank reads only the rows of its own
         shards, so an 8B start needs 32 GB of reads in all, not 32 GB on every rank."""
-        path = Path(path)
-        if not path.is_dir():
-            raise FileNotFoundError(f"{path}: no such checkpoint folder")
-        config = LlamaConfig.from_json(path / "config.json")
-        if config.ignored_keys and self.rank == 0:  # reported as Llama.from_pretrained does, by rank 0 only
-            print(f"{path / 'config.json'}: ignoring {', '.join(config.ignored_keys)} (transformers does not read them either)")
+        config, located = read_pretrained(path, LlamaConfig.from_values, Llama.tensor_shapes, report_ignored=True)
         with torch.device("meta"):  # shapes only; fully_shard turns each parameter into a DTensor of shards
             model = Llama(config)
         policy = MixedPrecisionPolicy(param_dtype=self.dtype, reduce_dtype=torch.float32)
@@ -185,12 +180,12 @@ class Sharded(Replicated):
         if config.tie_word_embeddings:  # to_empty gave lm_head a separate copy; share one parameter again
             model.lm_head.weight = model.model.embed_tokens.weight
         params = dict(model.named_parameters())  # DTensors, Shard(0) over the ranks
-        for name, tensor in checkpoint_tensors(path, config):
+        for name, tensor in tensor_slices(located):
             local = params[name].to_local()  # this rank's rows: torch.chunk's split of dim 0 (the last ranks may get fewer or none)
             start = self.rank * math.ceil(params[name].shape[0] / self.world)
             if local.shape[0] > 0:
                 local.copy_(tensor[start : start + local.shape[0]])  # reads only these rows, casts to float32
-        model.source_dir = str(path)
+        model.source_dir = str(Path(path))
         return model
 
     def load(self, path, gradient_checkpointing=False):

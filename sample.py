@@ -13,7 +13,8 @@ import torch
 from cli import ArgumentParser, fail
 from chat import TEMPLATES, ChatTokenizer
 from generate import generate
-from model import CheckpointError, ConfigError, Llama
+from hf_format import CheckpointError, ConfigError
+from model import Llama
 
 
 def main(argv=None):
