@@ -52,10 +52,12 @@ def copy_demo_rows(name, n, path):
 #
 #     |w_a - w_b| <= REORDER * lr * steps
 #
-# REORDER = 0.01. Measured on this project's 2-core x86 machines (tiny Llama, hidden 64, 6 AdamW
-# steps at lr 1e-3, tests of test_fsdp.py and test_train.py): the worst element differs by at most
-# {WORST} of lr * steps (another machine's 1.44e-6 = 2.4e-4 of it); a real fault, such as one
-# micro-batch's gradient counted twice, moves weights by a share of lr on most elements, far above it.
+# REORDER = 0.01. Measured on this project's 2-core x86 machine (setup's tiny Llama, hidden 64,
+# 6 steps of Pair-MNM at lr 1e-3 against one process): the worst element differed by 1.40e-6 for
+# 2-rank DDP, 1.44e-6 for FSDP (the 1.44e-6 another machine failed on), 1.01e-6 for the padded
+# layout, 1.55e-6 for attention per segment, 0.58e-6 for micro-batches of 2: at most 2.6e-4 of
+# lr * steps, 40 times below the bound. A real fault, such as one micro-batch's gradient counted
+# twice, moves most weights by a share of lr per step, far above it.
 # Where the order is the same (a resumed run against an uninterrupted one) weights are compared for
 # bit-identity instead.
 REORDER = 0.01
