@@ -190,8 +190,8 @@ def read_pretrained(path, make_config, tensor_shapes, report_ignored=False):
     file = path / "config.json"
     values = read_config(file)
     config = make_config(values, str(file))
-    if report_ignored and values["ignored_keys"] and not (dist.is_available() and dist.is_initialized()
-                                                          and dist.get_rank() > 0):
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    if report_ignored and values["ignored_keys"] and rank == 0:
         print(f"{file}: ignoring {', '.join(values['ignored_keys'])} (transformers does not read them either)")
     return config, _locate_tensors(path, tensor_shapes(config), values.get("tie_word_embeddings", False))
 
