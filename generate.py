@@ -16,13 +16,17 @@ def filter_probs(logits, temperature, top_p, top_k):
     probs = torch.softmax(logits.float() / temperature[:, None], dim=-1)  # (B, V)
     if bool((top_p >= 1).all() and (top_k <= 0).all()):
         return probs  # nothing to cut: skip the sort
-    sorted_probs, order = probs.sort(dim=-1, descending=True)  # (B, V)
-    rank = torch.arange(probs.shape[-1], device=probs.device)
+    V = probs.shape[-1]
+    k = min(int(top_k.max()), V) if bool((top_k > 0).all()) else V
+    # every row cut to at most k tokens: only the k largest need sorting
+    sorted_probs, order = probs.topk(k, dim=-1) if k < V else probs.sort(dim=-1, descending=True)  # (B, k)
+    rank = torch.arange(k, device=probs.device)
     sorted_probs = sorted_probs.masked_fill((top_k[:, None] > 0) & (rank >= top_k[:, None]), 0)
     sorted_probs = sorted_probs / sorted_probs.sum(-1, keepdim=True)  # top-p sees what top-k kept
     # keep the most likely tokens until their mass reaches top_p
     sorted_probs = sorted_probs.masked_fill(sorted_probs.cumsum(-1) - sorted_probs >= top_p[:, None], 0)
-    return torch.zeros_like(probs).scatter_(-1, order, sorted_probs)  # multinomial renormalises
+    sorted_probs = sorted_probs / sorted_probs.sum(-1, keepdim=True)
+    return torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
 
 
 def sample_tokens(logits, temperature, top_p, top_k, generators=None):

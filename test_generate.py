@@ -1,0 +1,210 @@
+"""
+Tests for generate.py: batched greedy decoding against one-at-a-time decoding and against transformers'
+generate(do_sample=False) on a shrunk SmolLM2-shaped checkpoint (prompts from its chat template), the
+sampling distribution against softmax(logits / T) cut to top-k / top-p by a naive loop (chi-square), and
+the prompts -> scored groups pipeline (merging, ties, kill and restart, training on its output).
+
+Run: python -m pytest -q test_generate.py
+"""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from chat import ChatTokenizer
+from generate import filter_probs, generate, generate_batch, sample_n, sample_tokens
+from model import Llama
+
+transformers.logging.set_verbosity_error()
+HERE = os.path.dirname(os.path.abspath(__file__))
+SMOLLM2 = os.path.join(HERE, "testdata", "configs", "HuggingFaceTB--SmolLM2-135M-Instruct.json")
+SMOLLM2_TEMPLATE = os.path.join(HERE, "testdata", "smollm2-instruct.chat_template.jinja")
+SHRUNK = dict(hidden_size=144, intermediate_size=384, num_hidden_layers=2)  # 9 heads / 3 kv heads of width 16 kept
+QUESTIONS = ["Hi", "Sort: 3 1 2", "What is the capital of France?",
+             "Write a short poem about the sea and the wind over it at night, in four lines.",
+             "Explain why the sky is blue and why sunsets are red, in two sentences, for a child of five or six."]
+
+
+def build_tokenizer(folder):
+    """A byte-level BPE tokenizer with SmolLM2's special tokens (ids 0, 1, 2) and chat template, trained here
+    on a few sentences (the real one cannot be downloaded offline); its ids are a subset of the model's vocab."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(QUESTIONS * 3, trainer)
+    tok.save(os.path.join(folder, "tokenizer.json"))
+    with open(SMOLLM2_TEMPLATE) as f:
+        template = f.read()
+    config = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>",
+              "unk_token": "<|endoftext|>", "chat_template": template, "model_max_length": 8192,
+              "tokenizer_class": "PreTrainedTokenizerFast"}
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f)
+
+
+def randomize(model, seed):
+    """Weights redrawn at unit-ish scale so logits spread out (the 0.02 init gives near-constant logits)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(2 * torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    """SmolLM2-135M-Instruct's config.json as the Hub ships it, shrunk in width and depth, random weights
+    written by transformers; returns (folder, transformers model, our model, prompt ids of QUESTIONS)."""
+    folder = tmp_path_factory.mktemp("smollm2")
+    with open(SMOLLM2) as f:
+        config = {**json.load(f), **SHRUNK}
+    with open(folder / "config.json", "w") as f:
+        json.dump(config, f)
+    hf = transformers.LlamaForCausalLM(transformers.AutoConfig.from_pretrained(folder)).eval()
+    randomize(hf, seed=0)
+    hf.save_pretrained(folder)
+    build_tokenizer(folder)
+    tok = ChatTokenizer.from_pretrained(folder)
+    prompts = [tok.encode_prompt(q) for q in QUESTIONS]
+    hf_tok = transformers.AutoTokenizer.from_pretrained(folder)
+    assert prompts == [hf_tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                                  tokenize=True, return_dict=False) for q in QUESTIONS]
+    return folder, hf, Llama.from_pretrained(folder).eval(), prompts
+
+
+def same_or_tie(model, prompt, a, b, tol):
+    """a and b (token lists continuing prompt) are equal, or first differ where the two tokens' logits
+    (one full forward of prompt + the common prefix) are within tol: a tie that rounding may break either way."""
+    j = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+    if j is None:
+        return len(a) == len(b)
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + a[:j]]))[0, -1]
+    return abs(float(logits[a[j]] - logits[b[j]])) <= tol
+
+
+# float32 logits of this model are O(10); our and transformers' logits agree to ~1e-5 (test_model.py's
+# parity tests hold 1e-6 on smaller models), so a pair of tokens closer than 1e-4 is a tie either may break
+TIE = 1e-4
+
+
+def test_batched_greedy_equals_one_at_a_time_and_transformers(smollm2):
+    """Five chat prompts of different lengths in one left-padded batch, 32 greedy tokens: each row equals our
+    generate() of that prompt alone and transformers' generate(do_sample=False) on the same batch
+    (with its attention mask); a difference counts only where the two tokens' logits tie."""
+    folder, hf, model, prompts = smollm2
+    assert len(set(map(len, prompts))) == len(prompts)  # all lengths differ
+    ours = generate_batch(model, prompts, 32)
+    alone = [generate(model, p, 32) for p in prompts]
+    L = max(map(len, prompts))
+    ids = torch.tensor([[2] * (L - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        theirs = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=32, min_new_tokens=32,
+                             do_sample=False, pad_token_id=2)[:, L:].tolist()
+    exact = 0
+    for p, o, a, t in zip(prompts, ours, alone, theirs):
+        assert len(o) == 32 and len(set(o)) > 4  # no degenerate repeat of one token
+        assert same_or_tie(model, p, o, a, TIE) and same_or_tie(model, p, o, t, TIE)
+        exact += o == a == t
+    assert exact >= len(prompts) - 1  # ties are rare: at most one row may take the other branch
+
+
+def test_stop_tokens_and_shared_prefill(smollm2):
+    """Per-row stop: with a stop token that row 1 produces at step 5, row 1 ends there (stop token last)
+    and the other rows, which leave the batch at other times, still equal generate(); num_samples=3 greedy
+    samples of each prompt all equal generate(); sample_n's draws with per-row generators equal generate()
+    with the same seeds."""
+    _, _, model, prompts = smollm2
+    ref = [generate(model, p, 16) for p in prompts[:3]]
+    stop = ref[1][5]
+    cut = [r[:r.index(stop) + 1] if stop in r else r for r in ref]
+    assert generate_batch(model, prompts[:3], 16, stop_ids=[stop]) == cut
+    assert generate_batch(model, prompts[:3], 16, num_samples=3) == [r for r in ref for _ in range(3)]
+    seeds = [11, 12, 13, 14]
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    drawn = sample_n(model, prompts[0], 4, 12, temperature=0.8, top_p=0.95, generator=gens)
+    assert drawn == [generate(model, prompts[0], 12, temperature=0.8, top_p=0.95,
+                              generator=torch.Generator().manual_seed(s)) for s in seeds]
+    assert len(set(map(tuple, drawn))) > 1
+
+
+def test_rows_independent_of_batch(smollm2):
+    """With one generator per row, a sampled row's tokens do not depend on what else is in the batch
+    (temperatures and top-p given per row; the greedy row draws nothing)."""
+    _, _, model, prompts = smollm2
+
+    def gens(seeds):
+        return [torch.Generator().manual_seed(s) for s in seeds]
+
+    both = generate_batch(model, prompts[1:4], 12, temperature=[0.7, 0.0, 1.0], top_p=[0.9, 1.0, 0.8],
+                          generators=gens([5, 6, 7]))
+    assert both[0] == generate_batch(model, prompts[1:2], 12, temperature=0.7, top_p=0.9, generators=gens([5]))[0]
+    assert both[2] == generate_batch(model, prompts[3:4], 12, temperature=1.0, top_p=0.8, generators=gens([7]))[0]
+    assert both[1] == generate(model, prompts[2], 12)
+
+
+def nucleus(p, top_p, top_k):
+    """The reference: probabilities p cut to the top_k most likely, renormalised, then to the shortest
+    most-likely prefix whose mass reaches top_p, renormalised; a plain loop over the sorted tokens."""
+    order = sorted(range(len(p)), key=lambda i: -p[i])[:top_k or len(p)]
+    total = sum(p[i] for i in order)
+    kept, mass = [], 0.0
+    for i in order:
+        if mass >= top_p:
+            break
+        kept.append(i)
+        mass += p[i] / total
+    return {i: p[i] / sum(p[j] for j in kept) for i in kept}
+
+
+def chi2_threshold(df, z=4.753):
+    """Chi-square quantile by Wilson and Hilferty's cube-root normal approximation; z = 4.753 is the
+    standard normal's 1 - 1e-6 quantile, so a correct sampler fails with probability about 1e-6."""
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+@pytest.mark.parametrize("temperature,top_p,top_k", [(0.7, 0.8, 0), (1.3, 0.95, 0), (1.0, 0.9, 3), (0.5, 1.0, 0)])
+def test_sampling_follows_truncated_softmax(temperature, top_p, top_k):
+    """200,000 draws (one row each, one generator, fixed seed) from fixed logits over 8 tokens: tokens outside
+    the nucleus never appear, and the counts of the rest pass a chi-square test against nucleus()'s
+    probabilities at a threshold a correct sampler exceeds with probability ~1e-6."""
+    logits = torch.tensor([2.0, 1.5, 1.2, 0.9, 0.3, 0.0, -0.5, -1.0])
+    p = torch.softmax(logits / temperature, -1).tolist()
+    expected = nucleus(p, top_p, top_k)
+    N = 200_000
+    rows = logits.expand(N, -1)
+    settings = [torch.full((N,), temperature), torch.full((N,), top_p), torch.full((N,), top_k)]
+    tokens = sample_tokens(rows, *settings, generators=torch.Generator().manual_seed(0))
+    counts = torch.bincount(tokens, minlength=8).tolist()
+    assert {i for i, c in enumerate(counts) if c} == set(expected)
+    chi2 = sum((counts[i] - N * q) ** 2 / (N * q) for i, q in expected.items())
+    assert chi2 < chi2_threshold(len(expected) - 1)
+    # and the distribution itself, closed form
+    probs = filter_probs(logits[None], *[s[:1] for s in settings])[0]
+    torch.testing.assert_close(probs, torch.tensor([expected.get(i, 0.0) for i in range(8)]), rtol=0, atol=1e-6)
+
+
+def test_sample_n_first_token_distribution(smollm2):
+    """sample_n's first tokens (2,000 samples sharing one prefill, top-k 4 at T=1.5) follow the model's own
+    next-token probabilities cut to its top 4 (chi-square, threshold as above)."""
+    _, _, model, prompts = smollm2
+    N = 2000
+    first = [s[0] for s in sample_n(model, prompts[1], N, 1, temperature=1.5, top_k=4,
+                                    generator=torch.Generator().manual_seed(0))]
+    with torch.no_grad():
+        logits = model(torch.tensor([prompts[1]]))[0, -1].float()
+    expected = nucleus(torch.softmax(logits / 1.5, -1).tolist(), 1.0, 4)
+    counts = {t: first.count(t) for t in set(first)}
+    assert set(counts) <= set(expected) and min(expected.values()) * N > 20  # chi-square needs no tiny bins
+    chi2 = sum((counts.get(i, 0) - N * q) ** 2 / (N * q) for i, q in expected.items())
+    assert chi2 < chi2_threshold(len(expected) - 1)
