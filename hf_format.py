@@ -53,17 +53,17 @@ READ_KEYS = {*FIELD_KINDS, *FIXED_KEYS, *SILENT_KEYS, "architectures", "model_ty
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
-def read_config(path):
+def read_config(path, architecture="LlamaForCausalLM"):
     """parse_config of the config.json file at path."""
     try:
         with open(path) as f:
             raw = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    return parse_config(raw, source=str(path))
+    return parse_config(raw, source=str(path), architecture=architecture)
 
 
-def parse_config(raw, source="config.json"):
+def parse_config(raw, source="config.json", architecture="LlamaForCausalLM"):
     """The validated values of a config.json dict, by LlamaConfig's field names (those the file sets, plus
     rope_theta, rope_scaling and ignored_keys: the keys transformers does not read either, in file order),
     or a one-line ConfigError naming source, the key and its value."""
@@ -74,8 +74,8 @@ def parse_config(raw, source="config.json"):
     def refuse(key, why):
         raise ConfigError(f"{source}: '{key}' is {_short(d[key])}; {why}")
 
-    if d.get("architectures", ["LlamaForCausalLM"]) != ["LlamaForCausalLM"]:
-        refuse("architectures", "only ['LlamaForCausalLM'] is supported")
+    if d.get("architectures", [architecture]) != [architecture]:  # reward.py reads LlamaForSequenceClassification
+        refuse("architectures", f"only {[architecture]} is supported")
     if d.get("model_type", "llama") != "llama":
         refuse("model_type", "only 'llama' is supported")
     for key, allowed in FIXED_KEYS.items():
@@ -176,7 +176,7 @@ def as_torch_dtype(dtype):
 SAFETENSORS_FLOATS = ("F32", "BF16", "F16", "F64")  # dtypes a weight may be stored in
 
 
-def read_pretrained(path, make_config, tensor_shapes, report_ignored=False):
+def read_pretrained(path, make_config, tensor_shapes, report_ignored=False, architecture="LlamaForCausalLM"):
     """(config, {tensor name: file holding it}) of the HF checkpoint folder path, checked without reading
     tensor data: config.json parses and asks for nothing this model cannot compute, and every safetensors
     header holds exactly the tensors the config implies (name, shape, floating dtype), each lying inside its
@@ -188,7 +188,7 @@ def read_pretrained(path, make_config, tensor_shapes, report_ignored=False):
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such checkpoint folder")
     file = path / "config.json"
-    values = read_config(file)
+    values = read_config(file, architecture)
     config = make_config(values, str(file))
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     if report_ignored and values["ignored_keys"] and rank == 0:
@@ -213,7 +213,7 @@ def _locate_tensors(path, expected, tied):
     """{tensor name: file holding it}, after checking every safetensors header against expected."""
     expected = dict(expected)
     if tied:  # HF omits it from the file; older saves may not
-        del expected["lm_head.weight"]
+        expected.pop("lm_head.weight", None)  # a reward model has no lm_head at all
     located = {}
     for file, listed in _checkpoint_files(path):
         header = read_safetensors_header(file)
