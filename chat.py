@@ -7,6 +7,7 @@ ChatML chat templates are rendered in plain Python (and checked against transfor
 any other template is rendered with jinja2 when it is installed.
 """
 
+import hashlib
 import json
 import os
 import re
@@ -164,6 +165,7 @@ class ChatTokenizer:
         if date_string is not None:
             self.template_vars["date_string"] = date_string
         self.jinja = compile_jinja(chat_template, now) if template == "jinja" else None
+        self.chat_template = chat_template
 
     def _token_id(self, token):
         if token is None:
@@ -299,6 +301,15 @@ class ChatTokenizer:
 
     def encode(self, text):
         return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def fingerprint(self):
+        """A hash of everything that decides the ids of a rendered text: the tokenizer (tokenizer.json as
+        loaded), the template and its text, the date, the special tokens, BOS and stop ids."""
+        settings = [self.template, self.chat_template, self.date_string, self.template_vars, self.default_system,
+                    self.bos_token, self.eos_token, self.add_bos, sorted(self.stop_ids)]
+        h = hashlib.sha256(self.tokenizer.to_str().encode())
+        h.update(json.dumps(settings, sort_keys=True, default=str).encode())
+        return h.hexdigest()
 
     def encode_many(self, texts):
         return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]  # in parallel

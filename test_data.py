@@ -28,6 +28,12 @@ from hf_format import CheckpointError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
+
+@pytest.fixture(autouse=True)
+def cache_in_tmp(tmp_path, monkeypatch):
+    """python data.py writes the tokenized set to the cache: here into the test's folder, never the user's home."""
+    monkeypatch.setenv("MPPO_CACHE", str(tmp_path / "mppo-cache"))
+
 # The special tokens of Llama 3 and of ChatML (Qwen2), with the byte tokenizer's ids.
 LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 BOT, EOTX, SH, EH, EOT = 256, 257, 258, 259, 260

@@ -1,0 +1,272 @@
+"""
+Tests of the compact storage and the cache of tokenized sets (data.py): the flat arrays against a
+per-text reference, cache hits, misses and damaged caches, two gloo ranks sharing the tokenizing.
+
+    python -m pytest test_cache.py -q
+
+Every cache here lives under the test's tmp_path (never the user's ~/.cache).
+"""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import data
+from chat import ChatTokenizer
+from formats import read_groups
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEMO = os.path.join(HERE, "demo")
+
+
+@pytest.fixture(autouse=True)
+def cache_in_tmp(tmp_path, monkeypatch):
+    monkeypatch.setenv("MPPO_CACHE", str(tmp_path / "default-cache"))
+
+
+def demo_rows(path, n=200):
+    with open(os.path.join(DEMO, "train.jsonl")) as f, open(path, "w") as g:
+        g.writelines(f.readlines()[:n])
+    return str(path)
+
+
+def as_lists(groups):
+    return [(g.prompt_ids, g.response_ids, g.scores, g.line) for g in groups]
+
+
+class Log(list):
+    def __call__(self, line):
+        self.append(line)
+
+
+def load(path, tok, cache_dir, max_length=24, max_prompt_length=16, **kw):
+    log = Log()
+    out, summary = data.load_tokenized(path, tok, max_length, max_prompt_length, cache_dir=cache_dir, log=log, **kw)
+    return out, summary, log
+
+
+def test_compact_set_equals_per_text_reference(tmp_path):
+    """tokenize_set's arrays against a reference built text by text: each prompt and response encoded
+    alone (ChatTokenizer.encode_prompt / encode_response) and cut by _truncate on lists, groups whose
+    prompt fills max_length skipped. Lengths 24 / 16 cut some prompts and responses and skip none of the
+    demo's groups, 12 / None skips some. Storage: the arrays' bytes, counted by hand."""
+    tok = ChatTokenizer.from_pretrained(DEMO)
+    groups, _ = read_groups(demo_rows(tmp_path / "d.jsonl"))
+    for max_length, max_prompt_length in ((24, 16), (12, None), (None, None)):
+        compact, report = data.tokenize_set(groups, tok, max_length, max_prompt_length)
+        expected = []
+        for g in groups:
+            cut = data._truncate(tok.encode_prompt(g.prompt), [tok.encode_response(r) for r in g.responses],
+                                 max_length, max_prompt_length, tok.bos_id)
+            if cut is not None:
+                expected.append((cut[0], cut[1], g.scores, g.line))
+        assert as_lists(compact) == expected
+        assert report.kept == len(expected) and report.rows == len(groups)
+        # 4 bytes a token, 16 a sequence (its offset and score), 8 a group (real data: ~350 tokens a sequence)
+        n, s, g = len(compact.tokens), len(compact.scores), len(compact)
+        assert compact.tokens.dtype == np.int32 and compact.nbytes() == 4 * n + 16 * s + 8 + 8 * (g + 1)
+    assert report.truncated_prompts == 0  # (None, None): nothing cut
+
+
+def test_nothing_cut_keeps_the_encoded_array(tmp_path):
+    """A chunk in which nothing is cut or skipped is kept as encoded (the same array object, no copy)."""
+    tok = ChatTokenizer.from_pretrained(DEMO)
+    groups, _ = read_groups(demo_rows(tmp_path / "d.jsonl", 20))
+    tokens, lengths = data._encode_chunk(groups, tok, False, (None, None), data.Report("x"))
+    part = data._cut_chunk(groups, tokens, lengths, None, None, tok.bos_id, lambda g: None, data.Report("x"))
+    assert part[0] is tokens and part[1] is lengths
+
+
+def test_cache_hit_gives_identical_arrays(tmp_path):
+    """The first load tokenizes and writes the cache; the second maps it (memory-mapped tokens) and gives
+    the same arrays, lines, score span and summary, equal to a load without cache."""
+    tok = ChatTokenizer.from_pretrained(DEMO)
+    path, cache = demo_rows(tmp_path / "d.jsonl"), str(tmp_path / "cache")
+    plain, plain_summary, _ = load(path, tok, None)
+    first, summary, log1 = load(path, tok, cache)
+    second, summary2, log2 = load(path, tok, cache)
+    assert not any("from the cache" in x for x in log1) and any("from the cache" in x for x in log2)
+    assert isinstance(second.tokens, np.memmap)
+    for a in (first, second):
+        for name, array in plain.arrays().items():
+            np.testing.assert_array_equal(a.arrays()[name], array)
+        assert a.lines == plain.lines and a.score_span == plain.score_span
+    assert summary == summary2 == plain_summary
+    assert as_lists(second) == as_lists(plain)
+    assert os.listdir(cache) == [os.path.basename(data.cache_path(cache, json.loads(
+        open(os.path.join(cache, os.listdir(cache)[0], "header.json")).read())["key"]))]  # no temporary left
+
+
+def test_changed_tokenizer_template_length_or_data_misses(tmp_path):
+    """Each input of the key, changed, gives another cache folder and a fresh tokenizing; the unchanged
+    inputs hit. Data: a line appended to the file (size and mtime change)."""
+    tok = ChatTokenizer.from_pretrained(DEMO)
+    path, cache = demo_rows(tmp_path / "d.jsonl"), str(tmp_path / "cache")
+    load(path, tok, cache)
+    other_tok = str(tmp_path / "tok")
+    shutil.copytree(DEMO, other_tok)
+    spec = json.load(open(os.path.join(other_tok, "tokenizer.json")))
+    extra = {**spec["added_tokens"][-1], "content": "<|extra|>"}
+    extra["id"] = 1 + max(max(spec["model"]["vocab"].values()), *(t["id"] for t in spec["added_tokens"]))
+    spec["added_tokens"].append(extra)  # one special token more: another tokenizer
+    json.dump(spec, open(os.path.join(other_tok, "tokenizer.json"), "w"))
+    misses = {
+        "tokenizer": (ChatTokenizer.from_pretrained(other_tok), {}),
+        "template": (ChatTokenizer.from_pretrained(DEMO, template="none"), {}),
+        "max_length": (tok, {"max_length": 23}),
+        "max_prompt_length": (tok, {"max_prompt_length": 15}),
+        "score header": (tok, {"include_header": True}),
+        "ties kept": (tok, {"require_preference": False}),
+    }
+    for what, (t, kw) in misses.items():
+        _, _, log = load(path, t, cache, **kw)
+        assert not any("from the cache" in x for x in log), what
+        _, _, log = load(path, t, cache, **kw)
+        assert any("from the cache" in x for x in log), what
+    with open(path, "a") as f:
+        f.write(json.dumps({"prompt": "sort b a", "responses": ["a b", "b a"], "scores": [1, 0]}) + "\n")
+    changed, _, log = load(path, tok, cache)
+    assert not any("from the cache" in x for x in log) and len(changed) == 201
+    assert len(os.listdir(cache)) == 1 + len(misses) + 1
+
+
+def damage(folder, how):
+    if how == "truncated tokens.npy":
+        p = os.path.join(folder, "tokens.npy")
+        os.truncate(p, os.path.getsize(p) - 100)
+    elif how == "flipped byte":
+        p = os.path.join(folder, "tokens.npy")
+        with open(p, "r+b") as f:
+            f.seek(os.path.getsize(p) - 7)
+            b = f.read(1)
+            f.seek(-1, 1)
+            f.write(bytes([b[0] ^ 1]))
+    elif how == "bad header":
+        with open(os.path.join(folder, "header.json"), "w") as f:
+            f.write('{"key": ')
+    elif how == "missing scores.npy":
+        os.remove(os.path.join(folder, "scores.npy"))
+
+
+@pytest.mark.parametrize("how", ["truncated tokens.npy", "flipped byte", "bad header", "missing scores.npy"])
+def test_damaged_cache_is_rebuilt_with_a_notice(tmp_path, how):
+    """A cache cut short, with a flipped bit (checksum), an unreadable header or a missing array is never
+    trusted: one notice line naming the folder, a rebuild equal to the original, a sound cache after."""
+    tok = ChatTokenizer.from_pretrained(DEMO)
+    path, cache = demo_rows(tmp_path / "d.jsonl"), str(tmp_path / "cache")
+    good, _, _ = load(path, tok, cache)
+    expected = as_lists(good)
+    (folder,) = [os.path.join(cache, f) for f in os.listdir(cache)]
+    damage(folder, how)
+    rebuilt, _, log = load(path, tok, cache)
+    notices = [x for x in log if "damaged or stale" in x]
+    assert len(notices) == 1 and folder in notices[0] and "\n" not in notices[0] and "rebuilding" in notices[0]
+    assert as_lists(rebuilt) == expected
+    again, _, log = load(path, tok, cache)
+    assert any("from the cache" in x for x in log) and as_lists(again) == expected
+    assert os.listdir(cache) == [os.path.basename(folder)]
+
+
+def _rank_worker(rank, world, store, path, cache, out):
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    from parallel import all_gather
+
+    tok = ChatTokenizer.from_pretrained(DEMO)
+    encoded = []
+    real = tok.tokenizer
+
+    class Counting:  # counts the texts this rank encodes
+        def encode_batch(self, texts, **kw):
+            encoded.append(len(texts))
+            return real.encode_batch(texts, **kw)
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    tok.tokenizer = Counting()
+    got, summary = data.load_tokenized(path, tok, 24, 16, cache_dir=cache, rank=rank, world=world,
+                                       gather=all_gather, log=lambda line: None)
+    np.savez(os.path.join(out, f"rank{rank}.npz"), encoded=sum(encoded), mapped=isinstance(got.tokens, np.memmap),
+             **got.arrays())
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump({"lines": got.lines, "summary": summary}, f)
+    dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_split_tokenizing_and_end_identical(tmp_path):
+    """Two gloo ranks: each encodes the texts of its half of the groups (prompt + responses), and both end with
+    the arrays, lines and summary of one process; rank 0 writes the cache and both map it."""
+    cached = True
+    tok = ChatTokenizer.from_pretrained(DEMO)
+    path = demo_rows(tmp_path / "d.jsonl")
+    one, one_summary, _ = load(path, tok, None)
+    cache = str(tmp_path / "cache") if cached else None
+    groups, _ = read_groups(path)
+    half = [sum(1 + len(g.responses) for g in share) for share in (groups[:100], groups[100:])]
+    # forked, not spawned: a spawned child re-imports torch (seconds); the tokenizer turns its threads off in a fork
+    mp.start_processes(_rank_worker, args=(2, str(tmp_path / "store"), path, cache, str(tmp_path)), nprocs=2,
+                       start_method="fork")
+    counts = []
+    for rank in range(2):
+        got = np.load(tmp_path / f"rank{rank}.npz")
+        for name, array in one.arrays().items():
+            np.testing.assert_array_equal(got[name], array)
+        meta = json.load(open(tmp_path / f"rank{rank}.json"))
+        assert meta["lines"] == one.lines and meta["summary"] == one_summary
+        assert bool(got["mapped"]) == cached
+        counts.append(int(got["encoded"]))
+    assert counts == half
+    if cached:
+        assert len(os.listdir(cache)) == 1
+
+
+def test_cli_writes_the_cache_train_reads(tmp_path, capsys):
+    """python data.py prints where it wrote the cache; load_tokenized with the same settings then reads
+    that folder, and its groups equal a load without cache."""
+    tok = ChatTokenizer.from_pretrained(DEMO)
+    path, cache = demo_rows(tmp_path / "d.jsonl"), str(tmp_path / "cache")
+    data.main(["--model", DEMO, "--data", path, "--max_length", "24", "--max_prompt_length", "16",
+               "--cache_dir", cache])
+    out = capsys.readouterr().out
+    (folder,) = [os.path.join(cache, f) for f in os.listdir(cache)]
+    assert f"cache: {folder}" in out
+    got, _, log = load(path, tok, cache)
+    assert any("from the cache" in x for x in log)
+    assert as_lists(got) == as_lists(load(path, tok, None)[0])
+    data.main(["--model", DEMO, "--data", path, "--no_cache"])
+    assert "cache:" not in capsys.readouterr().out and os.listdir(cache) == [os.path.basename(folder)]
+
+
+def test_cli_cuts_long_texts_before_tokenizing(tmp_path, capsys):
+    """python data.py applies train.py's character bound before tokenizing (issue 22 item 8): no text longer
+    than 2 x max_length x the longest token's characters reaches the tokenizer, and the output says so."""
+    tok = ChatTokenizer.from_pretrained(DEMO)
+    long_text = "sort " + "a b c d " * 20000
+    path = tmp_path / "long.jsonl"
+    path.write_text(json.dumps({"prompt": long_text, "responses": [long_text, "a"], "scores": [1, 0]}) + "\n")
+    longest, bound = [], 2 * 40 * tok.max_token_chars
+    tok = ChatTokenizer.from_pretrained(DEMO)
+    real_tok = tok.tokenizer
+
+    class Spy:
+        def encode_batch(self, texts, **kw):
+            longest.append(max(map(len, texts)))
+            return real_tok.encode_batch(texts, **kw)
+
+        def __getattr__(self, name):
+            return getattr(real_tok, name)
+
+    tok.tokenizer = Spy()
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(data.ChatTokenizer, "from_pretrained", classmethod(lambda cls, *a, **k: tok))
+        data.main(["--model", DEMO, "--data", str(path), "--max_length", "40", "--max_prompt_length", "30",
+                   "--no_cache"])
+    out = capsys.readouterr().out
+    assert longest and max(longest) <= bound + len(tok.bos_token) and len(long_text) > 10 * bound
+    assert "2 texts were cut to the character bound" in out
+    assert "truncated 1 prompts, 1 responses" in out
