@@ -208,3 +208,59 @@ def test_sample_n_first_token_distribution(smollm2):
     assert set(counts) <= set(expected) and min(expected.values()) * N > 20  # chi-square needs no tiny bins
     chi2 = sum((counts.get(i, 0) - N * q) ** 2 / (N * q) for i, q in expected.items())
     assert chi2 < chi2_threshold(len(expected) - 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# generate.py as a command: prompts -> scored groups
+
+SCORER = "def score(prompt, response):\n    return float(len(set(response)) % 3)\n"  # ties are common
+
+
+def pipeline_flags(root, out, **changes):
+    flags = {"--model": root / "model", "--out": out, "--num_samples": 5, "--max_new_tokens": 3, "--temperature": 1.0,
+             "--top_k": 2, "--scorer": f"{root / 'scorer.py'}:score", "--chunk_size": 2, "--batch_size": 2,
+             "--seed": 0, **changes}
+    prompts = ["--prompts", str(root / "prompts.jsonl"), str(root / "more.jsonl")]
+    return prompts + [str(x) for kv in flags.items() for x in kv]
+
+
+@pytest.fixture(scope="module")
+def groups(tmp_path_factory):
+    """A tiny random Llama with the demo's tokenizer; 5 demo rows (canonical: only their prompts are used) and
+    a file of prompt-only rows, one repeating a demo prompt; a verifier in a .py file."""
+    from conftest import copy_demo_rows, save_demo_llama
+
+    root = tmp_path_factory.mktemp("groups")
+    save_demo_llama(root / "model")
+    copy_demo_rows("train.jsonl", 5, root / "prompts.jsonl")
+    first = json.loads(open(root / "prompts.jsonl").readline())["prompt"]
+    more = [{"prompt": "sort b a"}, {"prompt": first}, {"prompt": [{"role": "user", "content": "sort c a b"}]}]
+    (root / "more.jsonl").write_text("".join(json.dumps(r) + "\n" for r in more))
+    (root / "scorer.py").write_text(SCORER)
+    prompts = [json.loads(line)["prompt"] for line in open(root / "prompts.jsonl")] + ["sort b a", "sort c a b"]
+    return root, prompts
+
+
+def test_groups_file(groups, capsys):
+    """Every distinct prompt gets one group, in order: distinct answers (identical draws merged, counted; empty
+    ones dropped), each scored by the verifier; all-tie groups kept and counted; train.py trains a step on it."""
+    from conftest import run
+    from generate import main
+
+    root, prompts = groups
+    main(pipeline_flags(root, root / "g.jsonl"))
+    rows = [json.loads(line) for line in open(root / "g.jsonl")]
+    assert [r["prompt"] for r in rows] == prompts and not os.path.exists(f"{root / 'g.jsonl'}.parts")
+    namespace = {}
+    exec(SCORER, namespace)
+    for r in rows:
+        assert len(set(r["responses"])) == len(r["responses"]) and sum(r["counts"]) <= 5  # empty answers dropped
+        assert r["scores"] == [namespace["score"](r["prompt"], x) for x in r["responses"]]
+        assert r["sampling"]["temperature"] == 1.0 and r["sampling"]["top_k"] == 2
+    assert any(c > 1 for r in rows for c in r["counts"])  # some answers were drawn twice and merged
+    ties = sum(len(set(r["scores"])) == 1 for r in rows)
+    assert f"{len(rows)} groups; {ties} with all scores tied" in capsys.readouterr().out
+    assert 0 < ties < len(rows)
+    out = run("--model", root / "model", "--data", root / "g.jsonl", "--loss", "pair_mnm", "--out", root / "train",
+              "--max_steps", 1, "--batch_size", 2, "--micro_batch_size", 2, "--max_length", 64, "--max_prompt_length", 32, "--log_every", 1)
+    assert os.path.exists(os.path.join(out, "config.json"))
