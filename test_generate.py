@@ -264,3 +264,43 @@ def test_groups_file(groups, capsys):
     out = run("--model", root / "model", "--data", root / "g.jsonl", "--loss", "pair_mnm", "--out", root / "train",
               "--max_steps", 1, "--batch_size", 2, "--micro_batch_size", 2, "--max_length", 64, "--max_prompt_length", 32, "--log_every", 1)
     assert os.path.exists(os.path.join(out, "config.json"))
+
+
+def test_groups_killed_and_resumed(groups):
+    """A run killed (SIGKILL, by the crash hook) after chunk 1 is on disk and chunk 2 half-written, started
+    again with the same flags, skips chunk 1 and ends with a file identical to an uninterrupted run's; other
+    flags are refused while the parts of the first run are there."""
+    from conftest import run_cli
+    from generate import main
+
+    root, _ = groups
+    main(pipeline_flags(root, root / "ref.jsonl"))
+    out = root / "killed.jsonl"
+    # crash points: settings.json's temporary file and rename (1, 2), chunk 1's (3, 4), chunk 2's temporary file (5)
+    killed = run_cli(*pipeline_flags(root, out), script="generate.py", env={"MPPO_CRASH_AFTER": "5"})
+    assert killed.returncode == -9, killed.stderr
+    parts = f"{out}.parts"
+    assert sorted(os.listdir(parts)) == ["chunk-000000.jsonl", "chunk-000001.jsonl.tmp", "settings.json"]
+    assert not os.path.exists(out)
+    with pytest.raises(SystemExit, match=r"started with other settings \(--seed 0\)"):
+        main(pipeline_flags(root, out, **{"--seed": 1}))
+    resumed = run_cli(*pipeline_flags(root, out), script="generate.py")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming: 1 chunks already done" in resumed.stdout and "chunk 1/4" not in resumed.stdout
+    assert open(out).read() == open(root / "ref.jsonl").read()
+    assert not os.path.exists(parts)
+
+
+def test_groups_under_torchrun(groups):
+    """torchrun with 2 processes (gloo, CPU) splits the chunks across ranks; the file equals one process's."""
+    from conftest import run_cli
+
+    root, _ = groups
+    if not os.path.exists(root / "ref.jsonl"):
+        from generate import main
+
+        main(pipeline_flags(root, root / "ref.jsonl"))
+    result = run_cli(*pipeline_flags(root, root / "ddp.jsonl"), script="generate.py", nproc=2)
+    assert result.returncode == 0, result.stderr
+    assert "2 ranks" in result.stdout
+    assert open(root / "ddp.jsonl").read() == open(root / "ref.jsonl").read()
