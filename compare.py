@@ -225,7 +225,8 @@ def evaluate_model(model_dir, flags, data, n_generate):
     groups, _ = read_groups(data, format=args.data_format)
     groups, _ = tokenize_groups(groups, tok, args.max_length, args.max_prompt_length, include_header=args.score_header)
     model = Llama.from_pretrained(args.model, device=device)
-    m = evaluate(model, groups, train.make_loss(args, None), args, tok.pad_id, Replicated(device, dtype))
+    scoring = train.scoring_of(args, tok.pad_id)
+    m = evaluate(model, groups, train.make_loss("pair_mnm"), scoring, Replicated(device, dtype))
     if n_generate:
         m["gen_success"] = generation_success(model, tok, groups, n_generate)
     return m

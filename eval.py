@@ -3,7 +3,7 @@ Evaluate a checkpoint the two ways the field does.
 
 1. Reward ranking on held-out groups (--data): the model's reward of each response is the
    paper's p = exp(mean token log-prob), computed with the same code path as training
-   (packing.make_batch, packing.response_logps). Reported: mean p of the chosen and of the
+   (packing.score_groups). Reported: mean p of the chosen and of the
    rejected responses, top-1 accuracy (the best-scored response has the highest p), pairwise
    accuracy (share of scored pairs that p orders the same way) and Kendall's tau-b between p
    and the scores (per group, averaged over groups where it is defined), each with a
@@ -55,12 +55,12 @@ import torch.distributed as dist
 
 from cli import ArgumentParser, fail
 from chat import TEMPLATES, ChatTokenizer
-from data import micro_batches, tokenize_groups
+from data import tokenize_groups
 from formats import data_files, read_groups
 from metrics import SUMS, kendall_tau_b, ranking_metrics, ranking_sums
 from generate import generate_batch
 from model import Llama
-from packing import make_batch, response_logps
+from packing import Scoring, score_groups
 from parallel import all_gather, barrier, setup_distributed
 
 METRICS = ["p_chosen", "p_rejected", "margin", "top1_acc", "pair_acc", "kendall_tau"]
@@ -104,17 +104,12 @@ def bootstrap(rows, n, seed=0, level=0.95):
 
 
 @torch.no_grad()
-def score_groups(model, groups, micro_batch_size=16, max_tokens=None, layout="packed", chunk_size=1024, autocast=nullcontext()):
-    """Rows (see group_rows) of every group, in order: mean log-probs of the responses through
-    packing.make_batch and packing.response_logps, the path training takes."""
-    device = model.model.embed_tokens.weight.device
-    out = []
-    for mb in micro_batches(groups, micro_batch_size, max_tokens):
-        batch = make_batch(mb, layout, 0, max_tokens).to(device)
-        with autocast:
-            logps = response_logps(model, batch, chunk_size=chunk_size)  # (B, K) float32
-        out.append(group_rows(logps, batch.scores, batch.mask))
-    return np.concatenate(out) if out else np.zeros((0, len(SUMS) + 1))
+def ranking_rows(model, groups, scoring, autocast=nullcontext()):
+    """Rows (see group_rows) of every group, in order, from the mean log-probs of packing.score_groups,
+    the path training takes; scoring: a packing.Scoring."""
+    scored = score_groups(model, groups, scoring, autocast)
+    rows = [group_rows(logps, batch.scores, batch.mask) for batch, logps in scored]
+    return np.concatenate(rows) if rows else np.zeros((0, len(SUMS) + 1))
 
 
 # -----------------------------------------------------------------------------
@@ -454,7 +449,8 @@ def main(argv=None):
             print(f"{report.summary()}\n{stats.summary()}".rstrip())
         if not groups:
             fail(f"{' '.join(args.data)}: no usable group")
-        rows = score_groups(model, groups[rank::world], args.micro_batch_size, args.max_tokens, chunk_size=args.chunk_size, autocast=autocast)
+        scoring = Scoring(micro_batch_size=args.micro_batch_size, max_tokens=args.max_tokens, chunk_size=args.chunk_size)
+        rows = ranking_rows(model, groups[rank::world], scoring, autocast)
         rows = np.array([r for part in all_gather([list(r) for r in rows]) for r in part]) if world > 1 else rows  # group order does not matter here
         point = metrics_of(rows)
         ci = bootstrap(rows, args.bootstrap, args.seed, args.ci) if args.bootstrap else {}

@@ -19,17 +19,18 @@ Metrics are ratios of sums over groups (SUMS), so they add up exactly over micro
 
 import json
 import os
+import time
 
 import torch
 
-from data import micro_batches
 from generate import generate
 from mppo import best_mask, pair_mask
-from packing import make_batch, response_logps
+from packing import score_groups
 from parallel import all_reduce_sum, rank_and_world
 
 # names of the sums that ranking_sums returns, in order; metrics are ratios of these
-SUMS = ["groups", "p_chosen", "p_rejected", "rejected", "pairs_correct", "pairs", "top1", "logps_chosen", "logps_rejected", "reward_margin"]
+SUMS = ["groups", "p_chosen", "p_rejected", "rejected", "pairs_correct", "pairs", "top1", "logps_chosen",
+        "logps_rejected", "reward_margin"]
 
 
 def ranking_sums(logps, scores, mask):
@@ -78,22 +79,53 @@ def ranking_metrics(sums):
     }
 
 
+class StepStats:
+    """What train.py adds up between two log lines: the loss, tokens and ranking sums of each micro-batch and
+    the groups of each step; summary() sums them over ranks into the numbers of one record."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.loss, self.tokens, self.sums = 0.0, 0.0, [0.0] * len(SUMS)
+        self.groups, self.skipped, self.steps, self.grad_norm = 0.0, 0.0, 0, None
+        self.start = time.time()
+
+    def add_micro_batch(self, loss, tokens, logps, scores, mask):
+        """loss: the micro-batch's share of the step's loss on this rank."""
+        self.loss += loss
+        self.tokens += tokens
+        self.sums = [a + b for a, b in zip(self.sums, ranking_sums(logps, scores, mask))]
+
+    def add_step(self, groups, skipped, grad_norm):
+        """groups, skipped: the step's groups over all ranks, and those without a preference."""
+        self.groups += groups
+        self.skipped += skipped
+        self.steps += 1
+        self.grad_norm = grad_norm
+
+    def summary(self, device):
+        """The record's numbers since the last reset: mean loss per step, the last gradient norm, the ranking
+        metrics, groups skipped, throughput. Every rank calls it (an all-reduce)."""
+        loss, tokens, *sums = all_reduce_sum([self.loss, self.tokens, *self.sums], device)
+        seconds = time.time() - self.start
+        return {"loss": loss / self.steps, "grad_norm": self.grad_norm, **ranking_metrics(sums),
+                "no_pref_groups": int(self.skipped), "groups_per_s": self.groups / seconds,
+                "tokens_per_s": tokens / seconds}
+
+
 @torch.no_grad()
-def evaluate(model, groups, loss_fn, args, pad_id, parallel):
+def evaluate(model, groups, loss_fn, scoring, parallel):
     """Mean loss and ranking metrics on held-out groups; each rank scores its share.
-    loss_fn(logps, batch) -> (losses (B,), counted (B,) bool), as in training; args gives the
-    micro-batching and forward settings (micro_batch_size, max_tokens, layout, chunk_size, attn_impl)."""
+    loss_fn(logps, batch) -> (losses (B,), counted (B,) bool), as in training; scoring (packing.Scoring):
+    the micro-batching and forward settings; parallel: the Replicated or Sharded the model runs under (its
+    autocast, device and even)."""
     was_training = model.training
     model.eval()
     rank, world = rank_and_world()
     loss_sum, count, sums = 0.0, 0.0, [0.0] * len(SUMS)
-    mbs = micro_batches(groups[rank::world], args.micro_batch_size, args.max_tokens)
-    for mb, real in parallel.even(mbs, filler=groups[:1]):
-        batch = make_batch(mb, args.layout, pad_id, args.max_tokens).to(parallel.device)
-        with parallel.autocast:
-            logps = response_logps(model, batch, chunk_size=args.chunk_size, attn_impl=args.attn_impl)  # (B, K)
-        if not real:  # a repeat that only keeps FSDP's collective forwards in step
-            continue
+    even = lambda mbs: parallel.even(mbs, filler=groups[:1])  # noqa: E731  repeats keep FSDP's forwards in step
+    for batch, logps in score_groups(model, groups[rank::world], scoring, parallel.autocast, even):  # (B, K)
         losses, counted = loss_fn(logps, batch)
         loss_sum += (losses * counted).sum().item()
         count += counted.sum().item()
@@ -160,7 +192,8 @@ class MetricsLog:
             self.tracker = self.check_tracker(report_to)(log_dir=os.path.join(out, "tensorboard"))
         elif report_to == "wandb":
             wandb = self.check_tracker(report_to)
-            self.tracker = wandb.init(project="mppo", dir=out, config=config, name=os.path.basename(os.path.normpath(out)))
+            name = os.path.basename(os.path.normpath(out))
+            self.tracker = wandb.init(project="mppo", dir=out, config=config, name=name)
 
     @staticmethod
     def check_tracker(name):
@@ -172,7 +205,8 @@ class MetricsLog:
             import wandb
             return wandb
         except ImportError:
-            raise SystemExit(f"error: --report_to {name} needs the {TRACKERS[name]} package: pip install {TRACKERS[name]}") from None
+            package = TRACKERS[name]
+            raise SystemExit(f"error: --report_to {name} needs the {package} package: pip install {package}") from None
 
     def write(self, record):
         self.file.write(json.dumps(record) + "\n")

@@ -46,15 +46,22 @@ states, keeps only the positions that predict scored response tokens, and runs t
 language-model head and the log-softmax over them a chunk at a time, recomputing each chunk
 in backward (chunked_target_logprobs), so the loss needs memory for one chunk, not the batch.
 
-Depends on torch only. Groups are duck-typed: any object with .prompt_ids (list[int]),
-.response_ids (list[list[int]]) and .scores (list[float]) works (data.TokenizedGroup does).
+score_groups is the one path from groups to log-probs that training, evaluation, DPO's reference
+and eval.py share: micro-batches (data.micro_batches) -> make_batch -> the model's device ->
+autocast -> response_logps, with the settings that travel together in a Scoring.
+
+Depends on torch (and data.micro_batches). Groups are duck-typed: any object with .prompt_ids
+(list[int]), .response_ids (list[list[int]]) and .scores (list[float]) works (data.TokenizedGroup does).
 """
 
 import dataclasses
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from data import micro_batches
 
 
 class PackingError(ValueError):
@@ -487,3 +494,40 @@ def response_logps(model, batch, chunk_size=1024, full_logits=False, attn_impl="
     sums = torch.zeros(B * K, dtype=torch.float32, device=token_logps.device)
     sums = sums.index_add(0, batch.response_index, token_logps)  # (B * K,)
     return sums.view(B, K) / batch.num_scored.clamp(min=1)
+
+# -----------------------------------------------------------------------------
+# scoring groups: micro-batches -> batch -> autocast -> log-probs, written once
+
+
+@dataclass
+class Scoring:
+    """How groups become forwards: the settings that travel together from train.py's and eval.py's flags."""
+
+    layout: str = "packed"  # "packed" (one sequence per group, shared prompt) or "padded" (the naive baseline)
+    micro_batch_size: int = 4  # groups per forward
+    max_tokens: int | None = None  # optional token budget of one forward (prompt + all responses)
+    chunk_size: int = 1024  # positions per chunk of the language-model head
+    attn_impl: str = "auto"  # attention of packed rows: see attention_for
+    pad_id: int = 0  # token id written into padding (never scored)
+
+
+def score_batch(model, batch, scoring, autocast=nullcontext()):
+    """(B, K) float32: response_logps of one Batch already on the model's device, the forward under autocast
+    (bf16 on GPU in train.py); with gradients when they are enabled."""
+    with autocast:
+        return response_logps(model, batch, chunk_size=scoring.chunk_size, attn_impl=scoring.attn_impl)
+
+
+def score_groups(model, groups, scoring, autocast=nullcontext(), even=None):
+    """Scores groups a micro-batch at a time, in order: yields (batch, logps) per micro-batch, batch its Batch
+    on the model's device and logps its (B, K) float32 score_batch. even(micro_batches) -> [(micro_batch,
+    real)] may add repeats (parallel.Sharded.even: under FSDP every rank must run as many forwards); they are
+    run, not yielded. Training calls score_batch itself: its forward and backward share one gradient-sync
+    context per micro-batch."""
+    device = unwrap(model).lm_head.weight.device
+    mbs = micro_batches(groups, scoring.micro_batch_size, scoring.max_tokens)
+    for mb, real in even(mbs) if even else [(mb, True) for mb in mbs]:
+        batch = make_batch(mb, scoring.layout, scoring.pad_id, scoring.max_tokens).to(device)
+        logps = score_batch(model, batch, scoring, autocast)  # (B, K)
+        if real:
+            yield batch, logps

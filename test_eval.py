@@ -23,6 +23,7 @@ from data import tokenize_groups
 from formats import read_groups
 from conftest import DEMO, run_cli, save_demo_llama
 from model import Llama
+from packing import Scoring
 
 
 
@@ -109,13 +110,13 @@ def tiny(tmp_path_factory):
 
 
 def test_score_groups_matches_one_response_at_a_time(tiny):
-    """score_groups' mean log-probs (packed, several groups per forward) against the model run on
+    """ranking_rows' mean log-probs (packed, several groups per forward) against the model run on
     prompt + response alone, log_softmax of its logits summed over the response tokens by a loop."""
     model = Llama.from_pretrained(tiny / "model")
     tok = ChatTokenizer.from_pretrained(tiny / "model")
     groups, _ = read_groups(os.path.join(DEMO, "eval.jsonl"))
     groups, _ = tokenize_groups(groups[:6], tok, 64, 32)
-    rows = ev.score_groups(model, groups, micro_batch_size=4)
+    rows = ev.ranking_rows(model, groups, Scoring(micro_batch_size=4))
     for g, row in zip(groups, rows):
         means = []
         for r in g.response_ids:
