@@ -270,3 +270,33 @@ def test_cli_cuts_long_texts_before_tokenizing(tmp_path, capsys):
     assert longest and max(longest) <= bound + len(tok.bos_token) and len(long_text) > 10 * bound
     assert "2 texts were cut to the character bound" in out
     assert "truncated 1 prompts, 1 responses" in out
+
+
+# -----------------------------------------------------------------------------
+# train.py from the cache
+
+
+def test_train_from_the_cache_equals_no_cache_dpo(tmp_path, capsys):
+    """train.py --loss dpo on a tiny Llama: the run that writes the cache, a --no_cache run and a run that
+    reads the cache end with bit-identical weights (the reference log-probs are stored on the cached groups'
+    views, and every step's batch is built from them)."""
+    import torch
+
+    from conftest import run, save_demo_llama, weights
+
+    model = save_demo_llama(tmp_path / "init")
+    flags = ["--model", model, "--data", demo_rows(tmp_path / "d.jsonl", 64), "--loss", "dpo", "--batch_size", 8,
+             "--micro_batch_size", 4, "--lr", 1e-3, "--max_length", 24, "--max_prompt_length", 16, "--max_steps", 3,
+             "--log_every", 1, "--warmup_ratio", 0.0, "--seed", 0]
+    cache = tmp_path / "cache"
+    first = weights(run(*flags, "--out", tmp_path / "first", "--cache_dir", cache))
+    assert "wrote the cache" in capsys.readouterr().out
+    plain = weights(run(*flags, "--out", tmp_path / "plain", "--no_cache"))
+    out = capsys.readouterr().out
+    assert "from the cache" not in out and "wrote the cache" not in out
+    cached = weights(run(*flags, "--out", tmp_path / "cached", "--cache_dir", cache))
+    assert "tokenized data from the cache" in capsys.readouterr().out
+    assert plain.keys() == cached.keys() == first.keys()
+    for name in plain:
+        assert torch.equal(plain[name], cached[name]) and torch.equal(plain[name], first[name]), name
+    assert os.listdir(cache) and not os.path.exists(tmp_path / "default-cache")  # --no_cache wrote nothing
