@@ -97,6 +97,20 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=1,
                    help="run each layout this many times, alternating, and keep its fastest run (a busy machine)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads; default: torch's)")
+    p.add_argument("--generate", action="store_true",
+                   help="decoding instead of training: batched sampling against transformers' generate and one "
+                        "sequence at a time, then MT-Bench-like questions one at a time and batched")
+    p.add_argument("--gen_batch", type=int, default=16, help="--generate: rows decoded together")
+    p.add_argument("--gen_prompt_len", type=int, default=32, help="--generate: tokens of the repeated prompt")
+    p.add_argument("--gen_new_tokens", type=int, default=128, help="--generate: new tokens per row")
+    p.add_argument("--gen_temperature", type=float, default=0.8, help="--generate: sampling temperature")
+    p.add_argument("--gen_top_p", type=float, default=0.95, help="--generate: nucleus sampling threshold")
+    p.add_argument("--gen_sequential", type=int, default=2, help="--generate: sequences timed one at a time")
+    p.add_argument("--mt_questions", type=int, default=80,
+                   help="--generate: MT-Bench-like two-turn questions (0: skip)")
+    p.add_argument("--mt_new_tokens", type=int, default=256, help="--generate: new tokens per turn of those questions")
+    p.add_argument("--mt_sequential", type=int, default=None,
+                   help="--generate: answer only the first this many questions one at a time, and scale (default: all)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: run one layout, print JSON
     args = p.parse_args(argv)
 
@@ -107,6 +121,7 @@ def parse_args(argv=None):
         args.shape = args.shape or "tiny"
         args.prompt_median, args.response_median, args.max_len = 12, 20, 128
         args.groups, args.steps = args.groups or 2, args.steps or 1
+        args.gen_batch, args.gen_new_tokens, args.mt_questions, args.mt_new_tokens = 4, 8, 6, 8
     args.shape = args.shape or ("llama3-8b-width" if cuda else "smollm2-135m")
     for k, v in SHAPES[args.shape].items():
         if getattr(args, k, None) is None:
@@ -330,8 +345,144 @@ def table(args, results, matmul_flops, datasheet):
     return "\n".join(lines), values
 
 
+# -----------------------------------------------------------------------------
+# --generate: decoding speed, batched against transformers' generate and one sequence at a time
+
+
+def hf_twin(model):
+    """transformers' LlamaForCausalLM with the same config and weights (the names are Hugging Face's)."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    c = model.config
+    config = transformers.LlamaConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim,
+        max_position_embeddings=c.max_position_embeddings, rope_theta=c.rope_theta, rms_norm_eps=c.rms_norm_eps,
+        tie_word_embeddings=c.tie_word_embeddings,
+        bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    hf = transformers.LlamaForCausalLM(config).to(dtype=next(model.parameters()).dtype).eval()
+    missing, unexpected = hf.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise RuntimeError(f"weights do not match transformers' names: missing {missing}, unexpected {unexpected}")
+    return hf
+
+
+def timed(fn, device):
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - t0, out
+
+
+def mt_bench_like(args, g):
+    """--mt_questions two-turn conversations of random token ids with MT-Bench-like lengths: turns
+    log-normal around 60 and 40 tokens (sigma 0.5), plus 10 tokens of chat template each."""
+    def turn(median):
+        n = int(min(max(round(math.exp(math.log(median) + 0.5 * float(torch.randn((), generator=g)))), 4), 400)) + 10
+        return torch.randint(0, args.vocab, (n,), generator=g).tolist()
+
+    return [(turn(60), turn(40)) for _ in range(args.mt_questions)]
+
+
+def answer_conversations(model, conversations, args, batch, generator):
+    """Both turns of each conversation, `batch` conversations at a time (1: generate() per sequence);
+    turn 2's prompt holds turn 1's prompt and answer. Returns the number of new tokens."""
+    from generate import generate, generate_batch
+
+    settings = dict(temperature=args.gen_temperature, top_p=args.gen_top_p)
+    tokens = 0
+    for i in range(0, len(conversations), batch):
+        chunk = conversations[i : i + batch]
+        prompts = [first for first, _ in chunk]
+        for t in range(2):
+            if batch == 1:
+                new = [generate(model, prompts[0], args.mt_new_tokens, generator=generator, **settings)]
+            else:
+                new = generate_batch(model, prompts, args.mt_new_tokens, generators=generator, **settings)
+            tokens += sum(map(len, new))
+            prompts = [p + a + second for p, a, (_, second) in zip(prompts, new, chunk)]
+    return tokens
+
+
+@torch.no_grad()
+def generation_bench(args):
+    """Decoding tokens/s of one prompt repeated --gen_batch times (batched, transformers, one at a
+    time), then the wall time of --mt_questions two-turn questions one at a time and batched."""
+    from generate import generate, generate_batch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()[0]
+    model = build_model(args).eval()
+    hf = hf_twin(model)
+    g = torch.Generator().manual_seed(args.seed)
+    prompt = torch.randint(0, args.vocab, (args.gen_prompt_len,), generator=g).tolist()
+    B, N, T, P = args.gen_batch, args.gen_new_tokens, args.gen_temperature, args.gen_top_p
+    gen = torch.Generator(args.device).manual_seed(args.seed)
+    ids = torch.tensor([prompt] * B, device=args.device)  # (B, P)
+
+    def ours_one():
+        return [len(generate(model, prompt, N, temperature=T, top_p=P, generator=gen))
+                for _ in range(args.gen_sequential)]
+
+    def ours_batch():
+        return [len(x) for x in generate_batch(model, [prompt] * B, N, temperature=T, top_p=P, generators=gen)]
+
+    def theirs():  # top_k=0: transformers' default top-k of 50 off, as ours; no EOS: every row runs N tokens
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=T, top_p=P, top_k=0,
+                          max_new_tokens=N, min_new_tokens=N, pad_token_id=0)
+        return [out.shape[1] - ids.shape[1]] * B
+
+    # a short warm-up of each path outside the timing (allocator, first-call overheads)
+    generate(model, prompt, 2, temperature=T, top_p=P, generator=gen)
+    generate_batch(model, [prompt] * 2, 2, temperature=T, top_p=P, generators=gen)
+    hf.generate(ids[:2], attention_mask=torch.ones_like(ids[:2]), do_sample=True, max_new_tokens=2, pad_token_id=0,
+                top_k=0)
+    rows = []
+    for name, fn in ((f"1. one at a time (generate.generate), {args.gen_sequential} sequence(s)", ours_one),
+                     (f"2. transformers generate, batch {B}", theirs),
+                     (f"3. batched (generate.generate_batch), batch {B}", ours_batch)):
+        seconds, lengths = timed(fn, args.device)
+        rows.append((name, sum(lengths) / seconds))
+        print(f"bench.py: {name}: {sum(lengths)} tokens in {seconds:.1f} s", file=sys.stderr, flush=True)
+    one, hf_rate, batched = (r[1] for r in rows)
+
+    print(f"mppo bench --generate: CPU, {torch.get_num_threads()} threads, {os.cpu_count()} cores, {args.dtype}, "
+          f"torch {torch.__version__}, transformers {sys.modules['transformers'].__version__}; load average "
+          f"{load_before:.2f} before")
+    print(f"model: {args.shape} shape, {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}, random weights")
+    print(f"\none prompt of {args.gen_prompt_len} tokens, {N} new tokens per row, temperature {T:g}, top-p {P:g} "
+          "(top-k off)\n")
+    print("| decoding | tokens/s | ratio to 1 |\n|---|---|---|")
+    for name, rate in rows:
+        print(f"| {name} | {rate:.1f} | {rate / one:.2f}x |")
+    print(f"| ratio 3 / 2 (batched / transformers) | | {batched / hf_rate:.2f}x |")
+
+    if args.mt_questions:
+        conversations = mt_bench_like(args, g)
+        k = args.mt_sequential if args.mt_sequential is not None else len(conversations)
+        t_batch, n_batch = timed(lambda: answer_conversations(model, conversations, args, B, gen), args.device)
+        t_one, n_one = (timed(lambda: answer_conversations(model, conversations[:k], args, 1, gen), args.device)
+                        if k else (0, 0))
+        scaled = t_one * len(conversations) / k if k else float("nan")
+        print(f"\n{len(conversations)} MT-Bench-like questions x 2 turns, {args.mt_new_tokens} new tokens per turn "
+              f"(random weights never stop: every answer is full length)\n")
+        print("| answering | wall time (s) | tokens/s |\n|---|---|---|")
+        what = "" if k == len(conversations) else f" (measured on {k} of them: {t_one:.0f} s, scaled)"
+        print(f"| one at a time{what} | {scaled:.0f} | {n_one / t_one if k else float('nan'):.1f} |")
+        print(f"| batched, {B} questions per batch | {t_batch:.0f} | {n_batch / t_batch:.1f} |")
+        print(f"| ratio | {scaled / t_batch:.2f}x faster | |")
+    print(f"\nload average {os.getloadavg()[0]:.2f} after")
+
+
 def main():
     args = parse_args()
+    if args.generate:
+        generation_bench(args)
+        return
     if args.child:
         print(json.dumps(run_layout(args)))
         return

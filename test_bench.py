@@ -112,3 +112,20 @@ def test_compiled_blocks_compute_what_eager_blocks_do():
     torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=1e-5)
     for g1, g0 in zip(results[1][1], results[0][1]):
         torch.testing.assert_close(g1, g0, rtol=1e-4, atol=1e-6)
+
+
+def test_bench_generate_tiny_prints_both_tables():
+    """`python bench.py --generate --tiny --device cpu` exits 0 and prints the decoding table (one at a
+    time, transformers' generate, batched, and the batched / transformers ratio) and the MT-Bench-like
+    table (one at a time, batched, ratio), every rate finite and positive; timings are not asserted."""
+    out = subprocess.run([sys.executable, "bench.py", "--generate", "--tiny", "--device", "cpu"],
+                         cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout
+    rows = table_rows(out.stdout)
+    names = [n for n in rows if not n.startswith("---")]
+    assert names == ["1. one at a time (generate.generate), 2 sequence(s)", "2. transformers generate, batch 4",
+                     "3. batched (generate.generate_batch), batch 4", "ratio 3 / 2 (batched / transformers)",
+                     "answering", "one at a time", "batched, 4 questions per batch", "ratio"]
+    for name in names[:3] + names[5:7]:
+        value = float(rows[name][1 if name in names[5:7] else 0])
+        assert math.isfinite(value) and value > 0, name

@@ -85,6 +85,34 @@ def mistakes(xs, rng):
     return out
 
 
+def judge(prompt, response):
+    """The demo's judge as a verifier (generate.py --scorer demo/make_demo.py:judge, onpolicy.py): the
+    1-10 score of `response` to `prompt` ("sort d b a c", or a chat whose last user turn is that) on
+    the preference data's scale. 10: sorted, with spaces or commas; 2: the letters copied unsorted;
+    3: sorted the wrong way round; 6: sorted but for two neighbours swapped; 5: sorted with one letter
+    lost; 1: anything else. Where mistakes() draws a coarser score (a swap 5, a reversal 2), the
+    verifier, being deterministic, gives the finer one."""
+    if isinstance(prompt, list):  # chat messages: the last user turn
+        prompt = [m["content"] for m in prompt if m.get("role") == "user"][-1]
+    words = prompt.split()
+    if len(words) < 2 or words[0] != "sort":
+        raise ValueError(f"judge: not a demo prompt ('sort' and letters): {prompt!r}")
+    xs, s = words[1:], sorted(words[1:])
+    answer = response.strip()
+    if answer in (show(s), ", ".join(s)):
+        return 10.0
+    got = answer.split(" ")
+    if got == xs:
+        return 2.0
+    if got == s[::-1]:
+        return 3.0
+    if any(got == s[:i] + [s[i + 1], s[i]] + s[i + 2 :] for i in range(len(s) - 1)):
+        return 6.0
+    if any(got == s[:i] + s[i + 1 :] for i in range(len(s))):
+        return 5.0
+    return 1.0
+
+
 def preference_group(xs, rng):
     """One prompt, the sorted answer (score 10), in TOP_TIE_SHARE of the groups also the sorted
     answer with commas (score 10 too: a tie at the top), and 2 to 4 mistakes, in random order."""
