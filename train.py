@@ -40,7 +40,7 @@ from checkpoint import (check_resumable, checkpoints, prepare_out, resume_point,
                         trim_metrics, write_args)
 from chat import TEMPLATES, ChatTokenizer
 from cli import ArgumentParser, fail
-from data import GroupLoader, micro_batches, scale_scores, tokenize_groups
+from data import GroupLoader, default_cache_dir, load_tokenized, micro_batches, scale_sets, tokenize_groups
 from formats import data_files, read_groups
 from metrics import MetricsLog, StepStats, evaluate, generation_success
 from model import Llama, LlamaConfig, check_pretrained
@@ -99,6 +99,9 @@ def parse_args(argv=None):
     a("--max_length", type=int, default=2048, help="longest prompt + response in tokens; responses are cut to fit")
     a("--max_prompt_length", type=int, default=1800, help="longest prompt in tokens; longer prompts keep their end")
     a("--score_header", action="store_true", help="score the assistant header tokens as part of the response")
+    a("--cache_dir", default=None,
+      help="where tokenized data sets are kept between runs (default: $MPPO_CACHE, else ~/.cache/mppo)")
+    a("--no_cache", action="store_true", help="tokenize the data afresh and keep nothing on disk")
     a("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
       help="compute dtype (None: bfloat16 on GPU, float32 on CPU); weights and AdamW stay float32. float16 is refused: "
            "it needs a gradient scaler, bfloat16 does not")
@@ -210,27 +213,27 @@ def scoring_of(args, pad_id):
 
 
 def load_data(args, tok, rank, world, log):
-    """Read and tokenize --data and --eval_data; report what was skipped or cut."""
+    """Tokenize --data and --eval_data once per job (the ranks share the work) or take them from the cache;
+    report what was skipped or cut. The groups are views into compact arrays (data.TokenizedSet)."""
     min_responses = 1 if args.loss == "sft" else 2
     pointwise = args.loss in POINT_LOSSES  # all-tie groups still carry point-wise targets
-    specs = [args.data] + ([args.eval_data] if args.eval_data else [])
-    raw = [read_groups(spec, format=args.data_format, min_responses=min_responses, score_field=args.score_field,
-                       require_preference=not pointwise) for spec in specs]
-    if pointwise:  # one scaling rule for train and eval alike
-        scaled = iter(scale_scores([g for groups, _ in raw for g in groups], args.score_range))
-        raw = [([next(scaled) for _ in groups], report) for groups, report in raw]
+    cache_dir = None if args.no_cache else (args.cache_dir or default_cache_dir())
     splits = []
-    for spec, (groups, report) in zip(specs, raw):
-        tokenized, stats = tokenize_groups(groups, tok, args.max_length, args.max_prompt_length,
-                                           min_responses=min_responses, include_header=args.score_header,
-                                           require_preference=not pointwise, progress=Progress("tokenized", log))
+    for spec in [args.data] + ([args.eval_data] if args.eval_data else []):
+        tokenized, summary = load_tokenized(spec, tok, args.max_length, args.max_prompt_length, format=args.data_format,
+                                            min_responses=min_responses, require_preference=not pointwise,
+                                            score_field=args.score_field, include_header=args.score_header,
+                                            cache_dir=cache_dir, rank=rank, world=world, gather=all_gather, log=log)
         name = " ".join(spec)
-        log(f"{name}: {len(tokenized)} groups\n{report.summary()}\n{stats.summary()}".rstrip())
-        if not tokenized:
+        log(f"{name}: {len(tokenized)} groups\n{summary}".rstrip())
+        if not len(tokenized):
             fail(f"{name}: no usable group after reading and tokenizing (see the summary above)")
         splits.append(tokenized)
-    loader = GroupLoader(splits[0], args.batch_size, rank=rank, world_size=world, seed=args.seed)
-    return loader, splits[0], (splits[1] if args.eval_data else [])
+    if pointwise:  # one scaling rule for train and eval alike
+        scale_sets(splits, args.score_range)
+    groups = [s.groups for s in splits]
+    loader = GroupLoader(groups[0], args.batch_size, rank=rank, world_size=world, seed=args.seed)
+    return loader, groups[0], (groups[1] if args.eval_data else [])
 
 
 class Progress:
