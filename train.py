@@ -394,8 +394,8 @@ def train_step(run, rank_groups, step, stats):
     backward, then clip the gradient norm and step. Adds the step's numbers to stats (metrics.StepStats)."""
     parallel, world, device = run.parallel, run.parallel.world, run.parallel.device
     s = run.scoring
-    mbs = [make_batch(mb, s.layout, s.pad_id, s.max_tokens) for mb in micro_batches(rank_groups, s.micro_batch_size,
-                                                                                      s.max_tokens)]
+    micro = micro_batches(rank_groups, s.micro_batch_size, s.max_tokens)
+    mbs = [make_batch(mb, s.layout, s.pad_id, s.max_tokens) for mb in micro]
     # the loss is averaged over the groups that count in the whole global batch, so the
     # gradient is the same for any number of processes and micro-batches
     local = sum(counted_groups(run.args.loss, b.scores, b.mask).sum().item() for b in mbs)
