@@ -5,6 +5,15 @@ Benchmark: MPPO training steps in the naive layout against the project's default
     python bench.py --device cuda                 # GPU: Llama-3-8B width, 2 layers, bfloat16
     python bench.py --device cuda --shape llama3-8b --layers 4 --attn_impl sdpa segments flex --compile
     python bench.py --tiny                        # seconds; what the CI test runs
+    python bench.py --generate                    # decoding: batched vs transformers' generate vs one at a time
+
+--generate times decoding instead of training, on the same randomly initialised model: one prompt
+repeated --gen_batch times, sampled (temperature 0.8, top-p 0.95, 128 new tokens) by
+generate.generate_batch, by transformers' LlamaForCausalLM.generate with the same weights and
+settings, and by generate.generate one sequence at a time; then --mt_questions two-turn questions
+with MT-Bench-like lengths (random ids; 256 new tokens per turn) answered one at a time and
+--gen_batch at a time, as eval.py answers them. Random weights never emit a stop token, so every
+row decodes the full length.
 
 A randomly initialised Llama of a real shape trains on synthetic groups (one prompt, K responses)
 whose lengths follow UltraFeedback's profile: log-normal, median prompt ~120 tokens, median
