@@ -36,17 +36,18 @@ import numpy as np
 import torch
 
 from baselines import BASELINES
-from checkpoint import (check_resumable, checkpoints, prepare_out, resume_point, save_checkpoint, set_rng_state,
+from checkpoint import (Preemption, check_out, check_out_flags, check_resumable, check_same_data, checkpoints,
+                        clear_out, data_fingerprint, lock_out, resume_point, save_checkpoint, saving, set_rng_state,
                         trim_metrics, write_args)
 from chat import TEMPLATES, ChatTokenizer
-from cli import ArgumentParser, fail
+from cli import ArgumentParser, check_device, check_lengths, check_model_fits, fail
 from data import GroupLoader, default_cache_dir, load_tokenized, micro_batches, scale_sets, tokenize_groups
 from formats import data_files, read_groups
 from metrics import MetricsLog, StepStats, evaluate, generation_success
 from model import Llama, LlamaConfig, check_pretrained
 from mppo import LOSSES, has_preference
 from packing import Scoring, make_batch, score_batch, score_groups
-from parallel import Replicated, Sharded, all_gather, all_reduce_sum, barrier, setup_distributed, shared_atomic_dir
+from parallel import Replicated, Sharded, all_gather, all_reduce_sum, barrier, setup_distributed
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 POINT_LOSSES = ("point_ce", "point_mse")
@@ -84,6 +85,9 @@ def parse_args(argv=None):
       help="delete the outputs of an earlier run in --out first (else such an --out is refused)")
     a("--resume", action="store_true",
       help="continue from the newest complete checkpoint in --out (from --model if there is none yet)")
+    a("--allow_change", nargs="+", default=[], metavar="FLAG",
+      help="--resume with these flags (names without --) changed from the checkpoint's, e.g. lr max_steps; "
+           "args.json records the change (without it, a resume with a changed flag that defines the run is refused)")
     a("--epochs", type=int, default=1, help="passes over the training data (ignored when --max_steps > 0)")
     a("--max_steps", type=int, default=0, help="optimizer steps to run; 0: --epochs passes")
     a("--batch_size", type=int, default=128, help="groups per optimizer step, over all ranks")
@@ -159,14 +163,12 @@ def check_args(args):
         fail(f"--beta {args.beta}: must be positive")
     if args.dtype == "float16":
         fail("--dtype float16 trains without a gradient scaler here (fp16 gradients underflow): use --dtype bfloat16")
-    if args.device is not None:
-        kind, _, index = args.device.partition(":")
-        if kind not in ("cpu", "cuda") or (index and not index.isdigit()):
-            fail(f"--device {args.device}: expected cpu, cuda or cuda:N")
-        if kind == "cuda" and not torch.cuda.is_available():
-            fail(f"--device {args.device}: this machine has no CUDA GPU that torch can use")
-        if index and kind == "cuda" and int(index) >= torch.cuda.device_count():
-            fail(f"--device {args.device}: only {torch.cuda.device_count()} GPU(s) here")
+    check_device(args.device)
+    check_lengths(args.max_length, args.max_prompt_length)
+    check_out_flags(args)
+    for flag in ("eval_every", "eval_generate"):
+        if getattr(args, flag) and not args.eval_data:
+            fail(f"--{flag} {getattr(args, flag)} evaluates on --eval_data, which is not given")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.attn_impl == "flex" and not device.startswith("cuda"):
         fail("--attn_impl flex needs CUDA (torch has no flex_attention backward on CPU): use segments or sdpa")
@@ -284,6 +286,18 @@ def make_optimizer(args, module, total_steps):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
 
 
+def restore_flags(args, optimizer, scheduler):
+    """On resume, loading the optimizer and schedule brought back the checkpoint's lr, betas and weight decay;
+    this run's flags win (the same, unless changed with --allow_change). The next step's lr is the schedule's
+    at this step, computed as LambdaLR computes it (so an unchanged run resumes bit-identical)."""
+    for group, decay in zip(optimizer.param_groups, (args.weight_decay, 0.0)):  # make_optimizer's two groups
+        group.update(betas=tuple(args.adam_betas), weight_decay=decay, initial_lr=args.lr)
+    scheduler.base_lrs = [args.lr] * len(optimizer.param_groups)
+    for group, lr_lambda in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["lr"] = args.lr * lr_lambda(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
 def peak_memory_gb(device):
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
@@ -332,17 +346,18 @@ def setup(args):
     if args.batch_size % world:
         fail(f"--batch_size {args.batch_size} must be divisible by the number of processes ({world})")
     try:
-        if rank == 0:
-            prepare_out(args.out, args.resume, args.overwrite)
-        barrier()  # no rank looks for checkpoints while rank 0 cleans --out
+        if rank == 0:  # --out is this run's alone (a lock), and a used one is refused unless --resume/--overwrite
+            lock_out(args.out)
+            check_out(args.out, args.resume, args.overwrite)
+        barrier()  # no rank looks for checkpoints while rank 0 repairs --out
         data_files(args.data + (args.eval_data or []))
         config = check_pretrained(args.model)
         tok = ChatTokenizer.from_pretrained(args.model, template=args.template, date_string=args.date_string)
+        check_model_fits(config, tok, args.model, args.max_length, log)
         resume_dir, state = resume_point(args.out, log) if args.resume else (None, None)
     except (OSError, ValueError) as e:  # a bad model folder, data path or --out: one line, before any work
         fail(e)
-    if rank == 0:
-        write_args(args.out, args, world)
+    changed = check_resumable(state, args, resume_dir) if state else None
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     torch.manual_seed(args.seed + rank)
     random.seed(args.seed + rank)
@@ -352,11 +367,15 @@ def setup(args):
         loader, train_groups, eval_groups = load_data(args, tok, rank, world, log)
     except (OSError, ValueError) as e:  # DataError, too few groups: one line naming file and row
         fail(e)
+    if state:
+        check_same_data(state, train_groups, args, resume_dir)
+    if rank == 0:  # everything checked: only now is an earlier run deleted (--overwrite) and args.json written
+        if args.overwrite:
+            clear_out(args.out)
+        write_args(args.out, args, world, (state["step"], changed) if state else None)
     total_steps = args.max_steps if args.max_steps > 0 else args.epochs * loader.steps_per_epoch
     if args.resume and state is None:
         log(f"--resume: no complete checkpoint in {args.out} yet, starting from {args.model}")
-    if state:
-        check_resumable(state, args, resume_dir)
 
     parallel = Sharded(device, dtype, grad_sync=args.fsdp_grad_sync) if args.fsdp else Replicated(device, dtype)
     scoring = scoring_of(args, tok.pad_id)
@@ -371,7 +390,11 @@ def setup(args):
     if state:
         parallel.load_state(optimizer, resume_dir)
         scheduler.load_state_dict(state["scheduler"])
-        loader.load_state_dict(state["loader"])
+        restore_flags(args, optimizer, scheduler)
+        try:
+            loader.load_state_dict(state["loader"])
+        except ValueError as e:  # --allow_change data, and the new data has another size
+            fail(f"--resume: the data position of {resume_dir} does not fit this data ({e})")
         step = state["step"]
         if state["world_size"] == world:
             set_rng_state(state["rng"][rank], {"train": generator})
@@ -440,7 +463,8 @@ def save(run, step):
     """OUT/checkpoint-STEP/: weights, AdamW, scheduler, data order and RNG streams (checkpoint.py)."""
     args = run.args
     trainer_state = {"scheduler": run.scheduler.state_dict(), "loader": run.loader.state_dict(),
-                     "world_size": run.parallel.world, "args": vars(args)}
+                     "world_size": run.parallel.world, "args": vars(args),
+                     "data_sha256": data_fingerprint(run.loader.groups)}
     save_checkpoint(args.out, step, run.parallel, run.optimizer, trainer_state, {"train": run.generator},
                     args.save_total_limit)
 
@@ -453,6 +477,7 @@ def train(args):
         run_eval(run, step)
     run.model.train()
     t_start, start_step, stats = time.time(), step, StepStats()
+    preemption = Preemption(loud=run.parallel.rank == 0)  # SIGTERM: finish the step, save, exit
     try:
         while step < total:
             for rank_groups in run.loader:
@@ -469,15 +494,23 @@ def train(args):
                     run_eval(run, step)
                 if args.save_every and step % args.save_every == 0 and step < total:
                     save(run, step)
+                if preemption.agreed(device):  # every rank stops after the same step
+                    folder = os.path.join(args.out, f"checkpoint-{step}")
+                    if not os.path.isdir(folder):
+                        save(run, step)
+                    fail(f"stopped by SIGTERM after step {step}, saved in {folder}: run the same command with "
+                         f"--resume to continue")
                 if step >= total:
                     break
     except KeyboardInterrupt:
         last = (checkpoints(args.out) or [args.model])[-1]
         fail(f"interrupted at step {step}; --resume would continue from {last}")
+    finally:
+        preemption.restore()
 
     run_eval(run, step)
     final = os.path.join(args.out, "final")
-    with shared_atomic_dir(final) as tmp:
+    with saving(args.out, "final") as tmp:
         run.parallel.save(tmp, source_dir=args.model, dtype=run.save_dtype)
     if run.records is not None:
         run.records.close()
@@ -490,17 +523,18 @@ def train(args):
 # the embedded demo: `python train.py` with no arguments
 
 
-def demo(out="out/demo"):
+def demo(out="out/demo", seed=0):
     """Random tiny Llama -> short SFT on sloppy demonstrations -> Pair-MNM on scored groups.
-    Prints held-out ranking accuracy of p and greedy task success before and after MPPO."""
+    Prints held-out ranking accuracy of p and greedy task success before and after MPPO, and returns
+    them as [(name, metrics)]. seed sets the initial weights and --seed of both stages."""
     src = os.path.join(HERE, "demo")
     t0 = time.time()
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     init = os.path.join(out, "init")
     Llama(LlamaConfig.from_json(os.path.join(src, "config.json"))).save_pretrained(init, source_dir=src)
     # the demo's rates were tuned with nanoGPT's betas; --overwrite: each `python train.py` starts afresh
     common = ["--eval_data", os.path.join(src, "eval.jsonl"), "--max_length", "64", "--max_prompt_length", "32",
-              "--log_every", "25", "--seed", "0", "--adam_betas", "0.9", "0.95", "--overwrite", "--epochs", "2",
+              "--log_every", "25", "--seed", str(seed), "--adam_betas", "0.9", "0.95", "--overwrite", "--epochs", "2",
               "--batch_size", "32", "--micro_batch_size", "32"]
     print("== 1. SFT on demonstrations that mostly copy the letters instead of sorting them")
     sft = train(parse_args(["--model", init, "--data", os.path.join(src, "sft.jsonl"), "--loss", "sft",
@@ -528,12 +562,15 @@ def demo(out="out/demo"):
         print(f"| {name} | {m['top1_acc']:.3f} | {m['pair_acc']:.3f} | {m['p_chosen']:.3f} | {m['p_rejected']:.3f} "
               f"| {m['gen_success']:.3f} |")
     print(f"demo finished in {time.time() - t0:.0f} s; models in {out}/sft/final and {out}/mnm/final")
+    return rows
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     try:
         demo() if not argv else train(parse_args(argv))
+    except KeyboardInterrupt:  # outside the training loop (reading data, evaluating, writing final/)
+        fail("interrupted (Ctrl-C)")
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
