@@ -53,7 +53,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from cli import ArgumentParser, fail
+from cli import (ArgumentParser, check_at_least, check_device, check_lengths, check_model_fits, check_model_folder,
+                 fail, interruptible)
 from chat import TEMPLATES, ChatTokenizer
 from data import tokenize_groups
 from formats import data_files, read_groups
@@ -420,6 +421,16 @@ def parse_args(argv=None):
         p.error("nothing to do: pass --data (ranking metrics) and/or --generate (benchmark answers)")
     if args.generate and not args.answers:
         p.error("--generate needs --answers, the file to write")
+    check_device(args.device)  # train.py's checks, in cli.py: the same mistake gets the same line
+    check_at_least(args, 1, "max_length", "max_prompt_length", "micro_batch_size", "max_tokens", "chunk_size",
+                   "gen_batch_size", "max_new_tokens")
+    check_at_least(args, 0, "bootstrap")
+    check_lengths(args.max_length, args.max_prompt_length)
+    if not 0 < args.ci < 1:
+        p.error(f"--ci {args.ci}: the confidence level must lie between 0 and 1")
+    if (args.temperature is not None and not args.temperature >= 0) or not 0 < args.top_p <= 1:
+        p.error("need --temperature >= 0 and 0 < --top_p <= 1")
+    check_model_folder(args.model)
     return args
 
 
@@ -435,6 +446,8 @@ def main(argv=None):
         model = Llama.from_pretrained(args.model, dtype=torch.float32, device=device).eval()
     except (OSError, ValueError) as e:
         fail(e)
+    check_model_fits(model.config, tok, args.model, args.max_length if args.data else None,
+                     print if rank == 0 else (lambda *a: None))
     dtype = getattr(torch, args.dtype)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     results = {}
@@ -478,4 +491,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    interruptible(main)()  # Ctrl-C: one line, no traceback

@@ -349,15 +349,25 @@ def crash_point():
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+MARKER = ".written-by-mppo"  # written first into every folder atomic_dir makes; it travels with the folder
+
+
 @contextmanager
 def atomic_dir(path):
-    """Yield the empty folder <path>.tmp to write into; on success it becomes path (an existing path is
-    moved to <path>.old first and removed after), on an exception it is removed. The names are fixed, so a
-    process killed at any moment leaves path complete (old or new) or repairable by clean_stale."""
+    """Yield the folder <path>.tmp (holding only MARKER) to write into; on success it becomes path (an
+    existing path is moved to <path>.old first and removed after), on an exception it is removed. The names
+    are fixed, so a process killed at any moment leaves path complete (old or new) or repairable by
+    clean_stale. MARKER tells this code's leftovers from a user's: a <path>.tmp or <path>.old without it is
+    never touched, and the save is refused instead."""
     path = Path(path)
     tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
     _repair(path)
+    for leftover in (tmp, old):
+        if leftover.exists():
+            raise FileExistsError(f"{leftover}: in the way of saving {path.name}, and not written by mppo "
+                                  f"(no {MARKER} inside); move it away")
     tmp.mkdir(parents=True)
+    (tmp / MARKER).write_text("")
     try:
         yield tmp
         crash_point()
@@ -374,30 +384,32 @@ def atomic_dir(path):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _repair(path, tmp_name=None, old_name=None):
-    """Undo what a crash inside atomic_dir(path) left: remove the temporary folder; an old folder
-    is the complete previous version: restore it if path is gone, else remove it."""
-    tmp = path.with_name(tmp_name or path.name + ".tmp")
-    old = path.with_name(old_name or path.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    if old.is_dir() and not path.exists():
-        old.rename(path)
-        return [f"restored {path.name} from {old.name}"]
-    shutil.rmtree(old, ignore_errors=True)
+def _ours(folder):
+    """A folder atomic_dir made: it holds MARKER, or it is empty (killed between mkdir and the marker)."""
+    return folder.is_dir() and not folder.is_symlink() and ((folder / MARKER).is_file() or not any(folder.iterdir()))
+
+
+def _repair(path):
+    """Undo what a crash inside atomic_dir(path) left: remove the temporary folder; an old folder is the
+    complete previous version: restore it if path is gone, else remove it. Only folders of our own."""
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    if _ours(tmp):
+        shutil.rmtree(tmp)
+    if _ours(old):
+        if not path.exists():
+            old.rename(path)
+            return [f"restored {path.name} from {old.name}"]
+        shutil.rmtree(old)
     return []
 
 
-def clean_stale(folder):
+def clean_stale(folder, names=None):
     """Repair what crashed saves left in folder: NAME.tmp removed, NAME.old restored as NAME if NAME is
-    missing (else removed), and the same for hidden .NAME.tmp-PID / .NAME.old-PID folders of older
-    versions of this code. Returns a line for each folder restored."""
+    missing (else removed); names: a regex NAME must match in full (None: any). A folder without MARKER
+    is someone else's and stays as it is. Returns a line for each folder restored."""
     restored = []
     for entry in sorted(Path(folder).iterdir()):
-        if not entry.is_dir():
-            continue
-        if entry.suffix in (".tmp", ".old") and entry.exists():
-            restored += _repair(entry.with_suffix(""))
-        elif m := re.fullmatch(r"\.(.+)\.(tmp|old)-(\d+)", entry.name):
-            name, pid = m[1], m[3]
-            restored += _repair(entry.with_name(name), f".{name}.tmp-{pid}", f".{name}.old-{pid}")
+        name, dot, suffix = entry.name.rpartition(".")
+        if dot and suffix in ("tmp", "old") and (names is None or re.fullmatch(names, name)) and entry.exists():
+            restored += _repair(entry.with_name(name))
     return restored

@@ -6,11 +6,9 @@ KV cache, print the reply.
     python sample.py --model DIR --prompt "..." --temperature 0.7 --top_p 0.9 --seed 1 --device cuda --dtype bfloat16
 """
 
-import os
-
 import torch
 
-from cli import ArgumentParser, fail
+from cli import ArgumentParser, check_device, check_model_fits, check_model_folder, fail, interruptible
 from chat import TEMPLATES, ChatTokenizer
 from generate import generate
 from hf_format import CheckpointError, ConfigError
@@ -37,14 +35,15 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
         p.error("need --max_new_tokens >= 1, --temperature >= 0 and 0 < --top_p <= 1")
-    if not os.path.isdir(args.model):
-        fail(f"{args.model}: no such model folder")
+    check_device(args.device)
+    check_model_folder(args.model)
 
     try:
         tok = ChatTokenizer.from_pretrained(args.model, template=args.template, date_string=args.date_string)
         model = Llama.from_pretrained(args.model, dtype=getattr(torch, args.dtype), device=args.device).eval()
     except (OSError, ConfigError, CheckpointError, ValueError) as e:
         fail(e)
+    check_model_fits(model.config, tok, args.model)
 
     if tok.template == "none":  # a base model without chat template: the prompt is plain text
         if args.system:
@@ -60,4 +59,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    interruptible(main)()  # Ctrl-C: one line, no traceback

@@ -20,6 +20,7 @@ import torch
 import mppo
 from checkpoint import checkpoints
 from conftest import HERE, common, records, run, run_cli, weights
+from hf_format import MARKER
 
 CRASH_RUN = {"--loss": "pair_single", "--max_steps": 4, "--save_every": 2, "--save_total_limit": 3}  # checkpoint-2, final/
 FULL_RUN = {**CRASH_RUN, "--max_steps": 5}  # checkpoint-2, checkpoint-4, final/
@@ -106,17 +107,17 @@ def test_killed_at_every_point_of_a_save_resumes_bit_identical(setup, crashless,
 
 
 def test_stale_temporary_folders_are_removed(setup, full, tmp_path):
-    """Leftovers of earlier crashes (checkpoint-N.tmp, hidden .NAME.tmp-PID of older versions) are
-    removed when a run starts in that --out, and never renamed over."""
+    """Leftovers of an earlier crash (checkpoint-N.tmp holding hf_format.MARKER, as atomic_dir makes it)
+    are removed when a run starts in that --out, and never renamed over."""
     out = tmp_path / "o"
     shutil.copytree(full, out)
     shutil.rmtree(out / "final")
     (out / "checkpoint-4.tmp").mkdir()
-    (out / "checkpoint-4.tmp" / "junk").write_text("x")
-    (out / ".checkpoint-2.tmp.tmp-1234").mkdir()
+    (out / "checkpoint-4.tmp" / MARKER).write_text("")
+    (out / "checkpoint-4.tmp" / "model-00001-of-00001.safetensors").write_text("x")
     run(*common(setup, out, **FULL_RUN), "--resume")
     assert sorted(p for p in os.listdir(out) if not p.startswith("checkpoint-")) == ["args.json", "final", "metrics.jsonl"]
-    assert not (out / "checkpoint-4.tmp").exists() and not (out / ".checkpoint-2.tmp.tmp-1234").exists()
+    assert not (out / "checkpoint-4.tmp").exists()
     end, got = weights(full / "final"), weights(out / "final")
     assert all(torch.equal(end[n], got[n]) for n in end)
 
@@ -156,7 +157,7 @@ def test_truncated_trainer_state_falls_back(setup, full, tmp_path):
     for ckpt in ("checkpoint-2", "checkpoint-4"):
         (out / ckpt / "trainer_state.pt").write_bytes(b"not a checkpoint")
     r = run_cli(*common(setup, out, **FULL_RUN), "--resume")
-    assert r.returncode == 1 and "Traceback" not in r.stderr and "no readable checkpoint" in r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "no usable checkpoint" in r.stderr.strip().splitlines()[-1]
 
 
 def test_nan_mid_run_stops_with_the_checkpoint_intact(setup, crashless, tmp_path, monkeypatch):
