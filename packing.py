@@ -266,11 +266,14 @@ def make_batch(groups, layout="packed", pad_id=0, max_tokens=None):
 
 
 class _ChunkedTargetLogprobs(torch.autograd.Function):
-    """log_softmax(h @ W^T)[target] per row, a chunk of rows at a time; backward recomputes the chunk.
+    """log_softmax(h @ W^T)[target] per row, never holding the (N, V) logits; backward recomputes them.
 
     With z = h W^T, log p_y = z_y - logsumexp(z), so d log p_y / dz = onehot(y) - exp(z - logsumexp(z)):
-    the backward needs only h, W, y and the N log-sum-exps, and holds one (chunk, vocab) float32
-    buffer at a time (every step on it is in place).
+    the backward needs only h, W, y and the N log-sum-exps. The forward takes chunk_size rows at a
+    time, (C, V). The backward takes the vocabulary a slice at a time instead, (N, V_s) with about
+    as many logits as a forward chunk: then each slice of W's gradient is one matmul over all N rows,
+    written once in W's dtype (as nn.Linear's backward writes it), and nothing the size of W is kept
+    besides that gradient; h's gradient, (N, H), is summed over the slices in float32.
     """
 
     @staticmethod
@@ -285,6 +288,7 @@ class _ChunkedTargetLogprobs(torch.autograd.Function):
             m = z.amax(dim=1)  # (C,), subtracted so exp cannot overflow
             lse[i : i + chunk_size] = z.sub_(m[:, None]).exp_().sum(dim=1).log_().add_(m)
             out[i : i + chunk_size] = target_logit - lse[i : i + chunk_size]
+            del z  # the float32 chunk goes before the next one is made
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.chunk_size = chunk_size
         return out
@@ -292,24 +296,26 @@ class _ChunkedTargetLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         hidden, weight, targets, lse = ctx.saved_tensors
-        C = ctx.chunk_size
-        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
-        for i in range(0, hidden.shape[0], C):
-            h, y, g = hidden[i : i + C], targets[i : i + C], grad_out[i : i + C]
-            z = (h @ weight.T).float()  # (C, V), recomputed
-            dz = z.sub_(lse[i : i + C, None]).exp_().mul_(-g[:, None])  # -g * softmax(z) ...
-            dz.scatter_add_(1, y[:, None], g[:, None])  # ... + g * onehot(y)
-            dz = dz.to(weight.dtype)
-            if grad_hidden is not None:
-                grad_hidden[i : i + C] = dz @ weight  # (C, H)
+        (N, H), V = hidden.shape, weight.shape[0]
+        S = max(1, ctx.chunk_size * V // max(N, 1))  # vocabulary rows per slice: (N, S) logits, as many as a chunk
+        need_hidden, need_weight = ctx.needs_input_grad[:2]
+        grad_hidden = torch.zeros(N, H, dtype=torch.float32, device=hidden.device) if need_hidden else None
+        grad_weight = torch.empty_like(weight) if need_weight else None
+        g = grad_out[:, None]  # (N, 1)
+        for v in range(0, V, S):
+            w = weight[v : v + S]  # (S', H)
+            dz = (hidden @ w.T).float()  # (N, S'), recomputed
+            dz.sub_(lse[:, None]).exp_().mul_(-g)  # -g * softmax(z) ...
+            in_slice = (targets >= v) & (targets < v + w.shape[0])
+            column = (targets - v).clamp(0, w.shape[0] - 1)[:, None]  # the target's column, where it is in this slice
+            dz.scatter_add_(1, column, g * in_slice[:, None])  # ... + g * onehot(y)
+            dz = dz.to(weight.dtype)  # the float32 slice is freed here (a no-op in float32)
             if grad_weight is not None:
-                if dz.dtype == torch.float32:
-                    grad_weight.addmm_(dz.T, h)  # (V, H), summed over chunks in place
-                else:  # bf16 matmul, summed in float32
-                    grad_weight += (dz.T @ h).float()
-        if grad_weight is not None:
-            grad_weight = grad_weight.to(weight.dtype)
+                torch.mm(dz.T, hidden, out=grad_weight[v : v + S])  # (S', H), all N rows in one matmul
+            if grad_hidden is not None:
+                grad_hidden += dz @ w  # (N, H), summed over slices in float32
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden.to(hidden.dtype)
         return grad_hidden, grad_weight, None, None
 
 
@@ -489,11 +495,15 @@ def response_logps(model, batch, chunk_size=1024, full_logits=False, attn_impl="
         head = unwrap(model).lm_head
         if getattr(head, "bias", None) is not None:
             raise ValueError("response_logps: lm_head with a bias is not supported (Llama has none)")
-        token_logps = chunked_target_logprobs(hidden, head.weight, batch.target_ids, chunk_size)
+        if hasattr(head, "target_logprobs"):  # an FSDP unit of its own (parallel.Sharded), gathered around this call
+            token_logps = head.target_logprobs(hidden, batch.target_ids, chunk_size)
+        else:
+            token_logps = chunked_target_logprobs(hidden, head.weight, batch.target_ids, chunk_size)
     B, K = batch.mask.shape
     sums = torch.zeros(B * K, dtype=torch.float32, device=token_logps.device)
     sums = sums.index_add(0, batch.response_index, token_logps)  # (B * K,)
     return sums.view(B, K) / batch.num_scored.clamp(min=1)
+
 
 # -----------------------------------------------------------------------------
 # scoring groups: micro-batches -> batch -> autocast -> log-probs, written once

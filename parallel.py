@@ -41,12 +41,13 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from hf_format import atomic_dir, read_pretrained, tensor_slices
 from model import Llama, LlamaConfig
+from packing import chunked_target_logprobs
 
 
 def setup_distributed(device_arg=None):
@@ -165,20 +166,38 @@ class Sharded(Replicated):
             self.rank, self.world = 0, 1
         self.mesh = init_device_mesh(device.type, (self.world,))
 
-    @torch.no_grad()
-    def _load_sharded(self, path):
-        """A sharded Llama from a Hugging Face folder. Each rank reads only the rows of its own
-        shards, so an 8B start needs 32 GB of reads in all, not 32 GB on every rank."""
-        config, located = read_pretrained(path, LlamaConfig.from_values, Llama.tensor_shapes, report_ignored=True)
+    def empty_model(self, config):
+        """A Llama of config, sharded: this rank's shards allocated on self.device, uninitialised.
+
+        FSDP units (each all-gathered only while it computes, then freed): every block; the
+        embedding; lm_head; the root keeps the final norm. With tied embeddings the embedding and
+        lm_head are one weight and stay with the root, gathered from the forward to the end of the
+        backward. packing.response_logps reads lm_head's weight outside lm_head's forward (the
+        chunked loss), so lm_head gets a forward method, target_logprobs, that FSDP gathers the
+        weight around and again around its backward, whose end reduce-scatters its gradient."""
         with torch.device("meta"):  # shapes only; fully_shard turns each parameter into a DTensor of shards
             model = Llama(config)
         policy = MixedPrecisionPolicy(param_dtype=self.dtype, reduce_dtype=torch.float32)
         for block in model.model.layers:
             fully_shard(block, mesh=self.mesh, mp_policy=policy)
+        if not config.tie_word_embeddings:
+            fully_shard(model.model.embed_tokens, mesh=self.mesh, mp_policy=policy)
+            head = fully_shard(model.lm_head, mesh=self.mesh, mp_policy=policy)
+            head.target_logprobs = lambda hidden, targets, chunk_size: chunked_target_logprobs(
+                hidden, head.weight, targets, chunk_size)
+            register_fsdp_forward_method(head, "target_logprobs")
         fully_shard(model, mesh=self.mesh, mp_policy=policy)
         model.to_empty(device=self.device)  # allocates this rank's shards, uninitialised
         if config.tie_word_embeddings:  # to_empty gave lm_head a separate copy; share one parameter again
             model.lm_head.weight = model.model.embed_tokens.weight
+        return model
+
+    @torch.no_grad()
+    def _load_sharded(self, path):
+        """A sharded Llama from a Hugging Face folder. Each rank reads only the rows of its own
+        shards, so an 8B start needs 32 GB of reads in all, not 32 GB on every rank."""
+        config, located = read_pretrained(path, LlamaConfig.from_values, Llama.tensor_shapes, report_ignored=True)
+        model = self.empty_model(config)
         params = dict(model.named_parameters())  # DTensors, Shard(0) over the ranks
         for name, tensor in tensor_slices(located):
             local = params[name].to_local()  # this rank's rows: torch.chunk's split of dim 0 (the last ranks may get fewer or none)
