@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import hf_format
-from hf_format import CheckpointError, ConfigError, atomic_dir, clean_stale
+from hf_format import MARKER, CheckpointError, ConfigError, atomic_dir, clean_stale
 from model import Llama, LlamaConfig, check_pretrained
 from test_model import LLAMA3, make_checkpoint
 
@@ -129,22 +129,24 @@ def test_killed_save_never_leaves_half_a_checkpoint(tmp_path):
 
 
 def test_clean_stale_repairs_leftovers(tmp_path):
-    """clean_stale, on a folder left by crashes: NAME.tmp is removed; NAME.old is restored when NAME is gone
-    and removed when NAME exists; hidden .NAME.tmp-PID / .NAME.old-PID folders (older saves) likewise;
-    files and other folders are untouched. atomic_dir repairs its own name the same way before writing,
-    and removes its temporary folder when the body raises."""
-    for name in ("a.tmp", "b.old", "c", "c.old", ".d.tmp-12", ".e.old-34", ".f.old-56", "f", "g.old.keep"):
+    """clean_stale, on a folder left by crashes (folders holding MARKER, as atomic_dir makes them):
+    NAME.tmp is removed; NAME.old is restored when NAME is gone and removed when NAME exists; files and
+    other folders are untouched. atomic_dir repairs its own name the same way before writing (an empty
+    NAME.tmp: killed before its marker), and removes its temporary folder when the body raises."""
+    for name in ("a.tmp", "b.old", "c", "c.old", "f", "g.old.keep"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "marker").write_text(name)
+        if name.endswith((".tmp", ".old")):
+            (tmp_path / name / MARKER).write_text("")
     (tmp_path / "h.tmp").write_text("a file")
-    assert sorted(clean_stale(tmp_path)) == ["restored b from b.old", "restored e from .e.old-34"]
-    assert sorted(os.listdir(tmp_path)) == ["b", "c", "e", "f", "g.old.keep", "h.tmp"]
-    assert [(tmp_path / n / "marker").read_text() for n in ("b", "c", "e", "f")] == ["b.old", "c", ".e.old-34", "f"]
+    assert sorted(clean_stale(tmp_path)) == ["restored b from b.old"]
+    assert sorted(os.listdir(tmp_path)) == ["b", "c", "f", "g.old.keep", "h.tmp"]
+    assert [(tmp_path / n / "marker").read_text() for n in ("b", "c", "f")] == ["b.old", "c", "f"]
     (tmp_path / "b").rename(tmp_path / "x.old")
     (tmp_path / "x.tmp").mkdir()
     with pytest.raises(RuntimeError):
         with atomic_dir(tmp_path / "x") as tmp:
-            assert tmp == tmp_path / "x.tmp" and not os.listdir(tmp)
+            assert tmp == tmp_path / "x.tmp" and os.listdir(tmp) == [MARKER]
             raise RuntimeError
     assert not (tmp_path / "x.tmp").exists() and (tmp_path / "x" / "marker").read_text() == "b.old"
 
