@@ -17,6 +17,9 @@ micro-batch is --micro_batch_size groups of --group_tokens tokens (prompt + --re
 or, with --max_tokens, groups filling exactly that budget: the largest micro-batch the flag allows.
 Attention 'auto' is what train.py picks on a GPU: SDPA with a dense mask.
 
+DDP's reducer does not run on fake tensors: DDP is simulated as one process (every rank's memory is
+the same), plus the gradient buckets DDP allocates (a float32 copy of the gradients), counted.
+
 Left out: the CUDA context and kernel workspaces, NCCL's buffers and the caching allocator's
 fragmentation, about 1-3 GB more on a real GPU; DPO's reference pass (before training, no
 gradients: less than a training step).
@@ -28,6 +31,7 @@ hooks; DTensor's sharding propagation, which runs on full-size fake tensors in w
 active, so it is given a fake mode of its own (else the tracker counts full-size phantom tensors).
 """
 
+import os
 import sys
 import time
 from contextlib import nullcontext
@@ -41,7 +45,6 @@ import torch.testing._internal.distributed.fake_pg  # noqa: F401 -- registers th
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 from torch.distributed._tools.mem_tracker import MemTracker
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from cli import ArgumentParser, fail
 from data import micro_batches
@@ -50,6 +53,7 @@ from packing import make_batch, score_batch
 from parallel import Replicated, Sharded
 from train import loss_of, make_optimizer, scoring_of
 
+HERE = os.path.dirname(os.path.abspath(__file__))
 GB = 1e9
 # config.json of named shapes, as the Hub ships them (only the keys that size the model)
 LLAMA3 = dict(vocab_size=128256, rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=8192,
@@ -193,10 +197,16 @@ class Tracker:
         names = [n for n in mod_tracker.parents if n != "Global"]
         inner = max(names, key=lambda n: (n.count("."), len(n)), default=None)
         if inner is None or inner.count(".") == 0:  # only the root runs: name the FSDP unit last gathered
-            inner = self.unit or inner or "the optimizer step"
-        phase = "backward" if mod_tracker.is_bw else "forward"
+            inner = self.unit or "the root module"
         inner = inner.split(".", 1)[1] if "." in inner else inner  # without the root's class name
-        self.where = f"{inner} {phase}, micro-step {self.micro_step + 1}"
+        frame, code = sys._getframe(), None  # the innermost line of this project's code running
+        while frame is not None and code is None:
+            name = frame.f_code.co_filename
+            if os.path.dirname(name) == HERE and name != __file__:
+                code = f"{os.path.basename(name)}:{frame.f_code.co_qualname}"
+            frame = frame.f_back
+        phase = "backward" if mod_tracker.is_bw else "forward"
+        self.where = f"{inner} {phase}, in {code or 'torch'}, micro-step {self.micro_step + 1}"
 
     def peak(self):
         """(total bytes, {row: bytes}) of the peak."""
@@ -228,14 +238,15 @@ def simulate(args, config, tokens, real=False):
                 with torch.no_grad():
                     for p in model.parameters():
                         p.to_local().normal_(std=0.02)
-        else:  # Replicated.load without the checkpoint: a float32 model, DDP over the ranks
-            parallel.module = Llama(config)
-            model = parallel.model = DDP(parallel.module) if world > 1 else parallel.module
+        else:  # Replicated.load without the checkpoint: a float32 model, as one process (DDP: see the docstring)
+            model = parallel.model = parallel.module = Llama(config)
+            parallel.world = 1
         parallel.module.gradient_checkpointing = args.gradient_checkpointing
         optimizer, _ = make_optimizer(args, parallel.module, total_steps=1)
         for group in optimizer.param_groups:  # train.py on a GPU: fused AdamW, no full-size temporaries in step
             group["fused"], group["foreach"] = True, False
-        for p in parallel.module.parameters():  # a first step creates the AdamW moments
+        params = list(parallel.module.parameters())
+        for p in params:  # a first step creates the AdamW moments
             p.grad = torch.zeros_like(p)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -249,8 +260,7 @@ def simulate(args, config, tokens, real=False):
     with fake, t.tracker:
         for i, batch in enumerate(batches):
             t.micro_step = i
-            if args.fsdp:
-                t.tracker.reset_mod_stats()  # the tracker takes a second forward for a second step otherwise
+            t.tracker.reset_mod_stats()  # the tracker refuses a second forward of the root otherwise
             with parallel.sync(last=i == len(batches) - 1):
                 logps = score_batch(model, batch, scoring, parallel.autocast)  # (B, K) float32
                 losses, counted = loss_fn(logps, batch)
@@ -262,10 +272,13 @@ def simulate(args, config, tokens, real=False):
         held = next(iter(t.tracker.get_tracker_snapshot().values()))  # weights, gradients and moments, all there now
         optimizer.zero_grad(set_to_none=True)
     total, rows = t.peak()
+    if not args.fsdp and world > 1:  # DDP's reducer cannot run on fake tensors: its buckets are counted, not traced
+        rows["DDP's gradient buckets (4 B x parameters, counted)"] = ddp = 4 * sum(p.numel() for p in params)
+        total += ddp
     counters = sum(s["step"].nbytes for s in optimizer.state.values())  # AdamW's step counts, 4 bytes per tensor
     state = sum(v for k, v in held.items() if k != "Total" and any(k.value in keys for _, keys in ROWS[:3]))
     return dict(total=total, rows=rows, where=t.where, tokens=batch.num_tokens, state=state - counters,
-                n_params=sum(p.numel() for p in parallel.module.parameters()), shape=tuple(batch.input_ids.shape))
+                n_params=sum(p.numel() for p in params), shape=tuple(batch.input_ids.shape))
 
 
 def plan(args):
