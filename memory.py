@@ -206,7 +206,7 @@ class Tracker:
                 code = f"{os.path.basename(name)}:{frame.f_code.co_qualname}"
             frame = frame.f_back
         phase = "backward" if mod_tracker.is_bw else "forward"
-        self.where = f"{inner} {phase}, in {code or 'torch'}, micro-step {self.micro_step + 1}"
+        self.where = f"{inner} {phase}{f', in {code}' if code else ''}, micro-step {self.micro_step + 1}"
 
     def peak(self):
         """(total bytes, {row: bytes}) of the peak."""
@@ -272,6 +272,10 @@ def simulate(args, config, tokens, real=False):
         held = next(iter(t.tracker.get_tracker_snapshot().values()))  # weights, gradients and moments, all there now
         optimizer.zero_grad(set_to_none=True)
     total, rows = t.peak()
+    # the batch on the GPU (train.py moves each micro-batch there): real tensors here, so counted, not traced
+    rows["the micro-batch (token ids, attention mask)"] = on_gpu = sum(
+        v.nbytes for v in vars(batch).values() if torch.is_tensor(v))
+    total += on_gpu
     if not args.fsdp and world > 1:  # DDP's reducer cannot run on fake tensors: its buckets are counted, not traced
         rows["DDP's gradient buckets (4 B x parameters, counted)"] = ddp = 4 * sum(p.numel() for p in params)
         total += ddp

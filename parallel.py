@@ -145,7 +145,8 @@ class Replicated:
 
 
 class Sharded(Replicated):
-    """FSDP2: each block, then the root (embeddings, final norm, lm_head), sharded over all ranks.
+    """FSDP2: each block, the embedding and lm_head, then the root (the final norm), sharded over all
+    ranks (empty_model says why).
     Parameters, gradients and AdamW state stay float32; with a bf16 compute dtype the blocks
     compute in bf16 and the parameters travel in bf16, while gradients are reduced in float32
     (reduce-scattering in bf16 would round the sum of N ranks). The mixed-precision policy casts
