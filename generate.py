@@ -28,24 +28,41 @@ import time
 import torch
 
 
-def filter_probs(logits, temperature, top_p, top_k):
-    """softmax(logits / T) restricted to the top_k most likely tokens (0: all), then to the smallest set
-    of the most likely ones holding top_p of what is left (the first one always survives), renormalised.
-    logits (B, V); temperature, top_p, top_k (B,) tensors, temperature > 0. Returns probs (B, V) float32."""
-    probs = torch.softmax(logits.float() / temperature[:, None], dim=-1)  # (B, V)
-    if bool((top_p >= 1).all() and (top_k <= 0).all()):
-        return probs  # nothing to cut: skip the sort
+CANDIDATES = 1024  # top-p first looks among this many most likely tokens (see nucleus)
+
+
+def nucleus(probs, top_p, top_k):
+    """The tokens kept from probs (B, V): the top_k most likely (0: all), renormalised, then the shortest
+    most-likely prefix of them whose mass reaches top_p (the first one always survives), renormalised.
+    Returns (kept probabilities sorted descending, zeros past the cut (B, k); their token ids (B, k)).
+    Sorting all V tokens is the slow part, so it sorts only the CANDIDATES most likely when that is exact:
+    when every row is cut to at most that many (top_k), or holds top_p of its mass among them."""
     V = probs.shape[-1]
     k = min(int(top_k.max()), V) if bool((top_k > 0).all()) else V
-    # every row cut to at most k tokens: only the k largest need sorting
-    sorted_probs, order = probs.topk(k, dim=-1) if k < V else probs.sort(dim=-1, descending=True)  # (B, k)
-    rank = torch.arange(k, device=probs.device)
+    if k > CANDIDATES and V > CANDIDATES:
+        sorted_probs, order = probs.topk(CANDIDATES, dim=-1)  # (B, C)
+        enough = torch.where(top_k > 0, top_k <= CANDIDATES, sorted_probs.sum(-1) >= top_p)
+        if not bool(enough.all()):
+            sorted_probs, order = probs.sort(dim=-1, descending=True)  # (B, V)
+    else:  # every row cut to at most k tokens: only the k largest need sorting
+        sorted_probs, order = probs.topk(k, dim=-1) if k < V else probs.sort(dim=-1, descending=True)  # (B, k)
+    rank = torch.arange(sorted_probs.shape[-1], device=probs.device)
     sorted_probs = sorted_probs.masked_fill((top_k[:, None] > 0) & (rank >= top_k[:, None]), 0)
-    sorted_probs = sorted_probs / sorted_probs.sum(-1, keepdim=True)  # top-p sees what top-k kept
+    # top-p sees what top-k kept; without top-k, all V (the candidates may hold less)
+    sorted_probs = sorted_probs / torch.where(top_k > 0, sorted_probs.sum(-1), probs.sum(-1))[:, None]
     # keep the most likely tokens until their mass reaches top_p
     sorted_probs = sorted_probs.masked_fill(sorted_probs.cumsum(-1) - sorted_probs >= top_p[:, None], 0)
-    sorted_probs = sorted_probs / sorted_probs.sum(-1, keepdim=True)
-    return torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return sorted_probs / sorted_probs.sum(-1, keepdim=True), order
+
+
+def filter_probs(logits, temperature, top_p, top_k):
+    """softmax(logits / T) cut by nucleus(), as (B, V) float32. logits (B, V); temperature (> 0), top_p and
+    top_k (B,) tensors."""
+    probs = torch.softmax(logits.float() / temperature[:, None], dim=-1)  # (B, V)
+    if bool((top_p >= 1).all() and (top_k <= 0).all()):
+        return probs
+    kept, order = nucleus(probs, top_p, top_k)
+    return torch.zeros_like(probs).scatter_(-1, order, kept)
 
 
 def sample_tokens(logits, temperature, top_p, top_k, generators=None):
@@ -53,18 +70,33 @@ def sample_tokens(logits, temperature, top_p, top_k, generators=None):
     temperature, top_p, top_k: (B,) tensors. generators: None (the global generator), one torch.Generator
     drawing for every row, or a list with one per row (a row's draws then depend on nothing else in the
     batch; greedy rows draw nothing). Returns (B,) long."""
-    greedy = logits.argmax(-1)  # (B,)
     hot = temperature > 0
     if not bool(hot.any()):
-        return greedy
-    probs = filter_probs(logits, torch.where(hot, temperature, 1.0), top_p, top_k)  # (B, V)
-    if isinstance(generators, (list, tuple)):
-        drawn = greedy.clone()
-        for i in hot.nonzero()[:, 0].tolist():
-            drawn[i] = torch.multinomial(probs[i], 1, generator=generators[i])[0]
-    else:
-        drawn = torch.multinomial(probs, 1, generator=generators)[:, 0]  # (B,)
-    return torch.where(hot, drawn, greedy)
+        return logits.argmax(-1)
+    B, device = logits.shape[0], logits.device
+    per_row = isinstance(generators, (list, tuple))
+    rows = hot.nonzero()[:, 0].tolist() if per_row else []
+    probs = torch.softmax(logits.float() / torch.where(hot, temperature, 1.0)[:, None], dim=-1)  # (B, V)
+    if bool((top_p >= 1).all() and (top_k <= 0).all()):  # nothing cut: draw over all V
+        if per_row:
+            drawn = torch.zeros(B, dtype=torch.long, device=device)
+            for i in rows:
+                drawn[i] = torch.multinomial(probs[i], 1, generator=generators[i])[0]
+        else:
+            drawn = torch.multinomial(probs, 1, generator=generators)[:, 0]  # (B,)
+    else:  # inverse CDF over the kept tokens only
+        kept, order = nucleus(probs, top_p, top_k)  # (B, k)
+        cdf = kept.cumsum(-1)  # (B, k)
+        if per_row:
+            u = torch.zeros(B, 1, device=device)
+            for i in rows:
+                u[i] = torch.rand(1, generator=generators[i], device=device)
+        else:
+            u = torch.rand(B, 1, generator=generators, device=device)  # (B, 1)
+        # the first token whose cumulative mass exceeds u (a zeroed token never does: the CDF does not rise there)
+        j = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp(max=cdf.shape[-1] - 1)  # (B, 1)
+        drawn = order.gather(-1, j)[:, 0]  # (B,)
+    return drawn if bool(hot.all()) else torch.where(hot, drawn, logits.argmax(-1))
 
 
 def sample_token(logits, temperature=0.0, top_p=1.0, generator=None, top_k=0):

@@ -173,25 +173,32 @@ def chi2_threshold(df, z=4.753):
     return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
 
 
-@pytest.mark.parametrize("temperature,top_p,top_k", [(0.7, 0.8, 0), (1.3, 0.95, 0), (1.0, 0.9, 3), (0.5, 1.0, 0)])
-def test_sampling_follows_truncated_softmax(temperature, top_p, top_k):
-    """200,000 draws (one row each, one generator, fixed seed) from fixed logits over 8 tokens: tokens outside
-    the nucleus never appear, and the counts of the rest pass a chi-square test against nucleus()'s
-    probabilities at a threshold a correct sampler exceeds with probability ~1e-6."""
-    logits = torch.tensor([2.0, 1.5, 1.2, 0.9, 0.3, 0.0, -0.5, -1.0])
-    p = torch.softmax(logits / temperature, -1).tolist()
+PEAKED = [3.0, 2.5, 2.0, 1.5, 1.0] + [-8.0] * 2995  # 98% of the mass on 5 tokens: top-p sorts only candidates
+CASES = {"T0.7-p0.8": (0.7, 0.8, 0, None), "T1.3-p0.95": (1.3, 0.95, 0, None), "T1-p0.9-k3": (1.0, 0.9, 3, None),
+         "T0.5": (0.5, 1.0, 0, None), "3000-tokens-p0.84": (1.0, 0.84, 0, PEAKED)}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_sampling_follows_truncated_softmax(case):
+    """Draws (one row each, one generator, fixed seed) from fixed logits (8 tokens, or 3,000 with most of the
+    mass on 5, where only the most likely candidates are sorted): tokens outside the nucleus never appear, and
+    the counts of the rest pass a chi-square test against nucleus()'s probabilities at a threshold a correct
+    sampler exceeds with probability ~1e-6; filter_probs equals nucleus() to float32 rounding."""
+    temperature, top_p, top_k, values = CASES[case]
+    logits = torch.tensor(values or [2.0, 1.5, 1.2, 0.9, 0.3, 0.0, -0.5, -1.0])
+    V = len(logits)
+    p = torch.softmax(logits.double() / temperature, -1).tolist()
     expected = nucleus(p, top_p, top_k)
-    N = 200_000
+    N = 200_000 if V < 100 else 5_000
     rows = logits.expand(N, -1)
     settings = [torch.full((N,), temperature), torch.full((N,), top_p), torch.full((N,), top_k)]
     tokens = sample_tokens(rows, *settings, generators=torch.Generator().manual_seed(0))
-    counts = torch.bincount(tokens, minlength=8).tolist()
+    counts = torch.bincount(tokens, minlength=V).tolist()
     assert {i for i, c in enumerate(counts) if c} == set(expected)
     chi2 = sum((counts[i] - N * q) ** 2 / (N * q) for i, q in expected.items())
     assert chi2 < chi2_threshold(len(expected) - 1)
-    # and the distribution itself, closed form
     probs = filter_probs(logits[None], *[s[:1] for s in settings])[0]
-    torch.testing.assert_close(probs, torch.tensor([expected.get(i, 0.0) for i in range(8)]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(probs, torch.tensor([expected.get(i, 0.0) for i in range(V)]), rtol=0, atol=1e-6)
 
 
 def test_sample_n_first_token_distribution(smollm2):
@@ -262,7 +269,8 @@ def test_groups_file(groups, capsys):
     assert f"{len(rows)} groups; {ties} with all scores tied" in capsys.readouterr().out
     assert 0 < ties < len(rows)
     out = run("--model", root / "model", "--data", root / "g.jsonl", "--loss", "pair_mnm", "--out", root / "train",
-              "--max_steps", 1, "--batch_size", 2, "--micro_batch_size", 2, "--max_length", 64, "--max_prompt_length", 32, "--log_every", 1)
+              "--max_steps", 1, "--batch_size", 2, "--micro_batch_size", 2, "--max_length", 64,
+              "--max_prompt_length", 32, "--log_every", 1)
     assert os.path.exists(os.path.join(out, "config.json"))
 
 
