@@ -148,11 +148,15 @@ def own_outputs(out):
     return folders, [out / name for name in OWN_FILES if (out / name).is_file()]
 
 
-def foreign_entry(folder):
-    """The first entry of folder that this project never writes there (a user's file), or None."""
-    for p in sorted(Path(folder).iterdir()):
+def not_ours(folder):
+    """Why folder is not one this project wrote (no MARKER in it, or a file it never writes there, a user's
+    paper.tex), or None: a run deletes or replaces only its own."""
+    folder = Path(folder)
+    if not (folder / MARKER).is_file():
+        return f"{folder.name}/ was not written by this project (no {MARKER} inside)"
+    for p in sorted(folder.iterdir()):
         if p.name not in FOLDER_ENTRIES and not re.fullmatch(SHARD, p.name):
-            return p.name
+            return f"{folder.name}/{p.name} was not written by this project"
     return None
 
 
@@ -169,9 +173,9 @@ def check_out(out, resume, overwrite):
         raise CheckpointStateError(f"--out {out} already holds a run ({names}); "
                                    f"pass --resume to continue it or --overwrite to replace it")
     for folder in folders:
-        if stray := foreign_entry(folder):
-            raise CheckpointStateError(f"--out {out}: {folder.name}/{stray} was not written by this project, and "
-                                       f"the run would delete it with {folder.name}/; move it out of --out")
+        if why := not_ours(folder):
+            raise CheckpointStateError(f"--out {out}: {why}, and the run would delete or replace it with "
+                                       f"{folder.name}/; move it out of --out")
     for p in sorted(out.iterdir()):
         name, dot, suffix = p.name.rpartition(".")
         if dot and suffix in ("tmp", "old") and re.fullmatch(OWN_FOLDERS, name):

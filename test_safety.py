@@ -107,8 +107,9 @@ def test_overwrite_deletes_nothing_until_everything_is_checked(done, tmp_path):
 
 def test_overwrite_removes_only_its_own_outputs(done, tmp_path):
     """--overwrite removes the earlier run's checkpoint-N/, final/, args.json and metrics.jsonl, and nothing
-    else: checkpoint-notes/, results.old/, paper.tex stay. A final/ holding a user's paper.tex is not a model
-    folder this project wrote: refused, nothing deleted. --resume with --overwrite is refused."""
+    else: checkpoint-notes/, results.old/, paper.tex stay. A final/ holding a user's paper.tex, or without
+    hf_format.MARKER (a model folder another program wrote), is not a folder this project wrote: refused,
+    nothing deleted. --resume with --overwrite is refused."""
     s, out = copy_run(done, tmp_path)
     user_files(out)
     (out / "final" / "paper.tex").write_text("mine")
@@ -118,6 +119,10 @@ def test_overwrite_removes_only_its_own_outputs(done, tmp_path):
     fails(r"--resume .* --overwrite .* only one", *common(s, out, **RUN), "--overwrite", "--resume")
     assert snapshot(out) == before
     (out / "final" / "paper.tex").unlink()
+    (out / "final" / MARKER).unlink()  # a model folder some other program wrote
+    fails(f"final/ was not written by this project \\(no {MARKER} inside\\)", *common(s, out, **RUN), "--overwrite")
+    assert snapshot(out) == {k: v for k, v in before.items() if k not in ("final/paper.tex", f"final/{MARKER}")}
+    (out / "final" / MARKER).write_text("")
     run(*common(s, out, **{**RUN, "--max_steps": 1, "--save_every": 0}), "--overwrite")
     assert sorted(p.name for p in out.iterdir()) == ["args.json", "cache.tmp", "checkpoint-notes", "final",
                                                      "final.tmp.keep", "metrics.jsonl", "paper.tex", "results.old",
@@ -179,7 +184,9 @@ def wait_for_steps(p, out, n):
     """Until metrics.jsonl holds n training records (or the process ended)."""
     deadline = time.time() + 300
     while p.poll() is None and time.time() < deadline:
-        if (out / "metrics.jsonl").is_file() and len(records(out, "train")) >= n:
+        path = out / "metrics.jsonl"
+        lines = path.read_text().splitlines(keepends=True) if path.is_file() else []
+        if sum(line.endswith("\n") and '"split": "train"' in line for line in lines) >= n:  # whole lines only
             return
         time.sleep(0.1)
     raise AssertionError(f"no {n} steps: {p.poll()} {p.stderr.read()[-2000:] if p.poll() is not None else ''}")
