@@ -59,7 +59,8 @@ CHATML_BOS_TEMPLATE = (
     "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 # Llama 3's pre-tokenizer split: newlines form their own pre-tokens, so "\n\n" never merges with the text after it.
-LLAMA3_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
 def byte_chars():
@@ -150,7 +151,8 @@ def test_llama3_single_turn_exact(tmp_path):
     """Llama 3, one user turn: the rendered string and ids against ones written out by hand from Meta's format."""
     tok = ChatTokenizer.from_pretrained(llama3_dir(tmp_path))
     assert tok.template == "llama3" and tok.bos_id == BOT and tok.eos_id == EOT
-    text = "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+    text = ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+            "<|start_header_id|>assistant<|end_header_id|>\n\n")
     assert tok.render_prompt("Hi") == text
     assert tok.encode_prompt("Hi") == [BOT, SH, *B("user"), EH, *B("\n\nHi"), EOT, SH, *B("assistant"), EH, *B("\n\n")]
     assert tok.encode_prompt([{"role": "user", "content": "Hi"}]) == tok.encode_prompt("Hi")
@@ -159,7 +161,9 @@ def test_llama3_single_turn_exact(tmp_path):
 def test_llama3_multi_turn_with_system_exact(tmp_path):
     """Llama 3, system + earlier turns: one BOS, every content stripped (the template's `trim`), ids by hand."""
     tok = ChatTokenizer.from_pretrained(llama3_dir(tmp_path))
-    turn = lambda role, text: [SH, *B(role), EH, *B("\n\n" + text), EOT]
+    def turn(role, text):
+        return [SH, *B(role), EH, *B("\n\n" + text), EOT]
+
     expected = [BOT, *turn("system", "You are terse."), *turn("user", "Hi there"), *turn("assistant", "Hello!"),
                 *turn("user", "Tell me a joke."), SH, *B("assistant"), EH, *B("\n\n")]
     assert tok.encode_prompt(CONVERSATION) == expected
@@ -182,7 +186,9 @@ def test_chatml_default_system_exact(tmp_path):
                                        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
     assert tok.encode_prompt("Hi") == [IMS, *B("system\nYou are a helpful assistant."), IME, *B("\n"),
                                        IMS, *B("user\nHi"), IME, *B("\n"), IMS, *B("assistant\n")]
-    turn = lambda role, text: [IMS, *B(f"{role}\n{text}"), IME, *B("\n")]
+    def turn(role, text):
+        return [IMS, *B(f"{role}\n{text}"), IME, *B("\n")]
+
     assert tok.encode_prompt(CONVERSATION) == [*turn("system", "You are terse."), *turn("user", "Hi there"),
                                                *turn("assistant", " Hello! "), *turn("user", "  Tell me a joke.\n"),
                                                IMS, *B("assistant\n")]
@@ -502,7 +508,9 @@ def test_tokenize_rechecks_hand_built_groups(tmp_path):
 def test_scale_scores():
     """Point-wise scores: [0, 1] unchanged; 1-10 ratings divided by 10 (the paper); an explicit range mapped
     linearly; an open scale without a range is an error. Expected values by hand."""
-    g = lambda *s: Group("p", ["a"] * len(s), list(s), 1)
+    def g(*s):
+        return Group("p", ["a"] * len(s), list(s), 1)
+
     assert data.scale_scores([g(0.2, 0.9)])[0].scores == [0.2, 0.9]
     out = data.scale_scores([g(1, 10), g(7.5, 3)])
     assert [x.scores for x in out] == [[0.1, 1.0], [0.75, 0.3]]
@@ -608,7 +616,8 @@ def test_micro_batches():
 
 def test_cli_statistics(tmp_path, capsys):
     """The statistics mode on a fixture: groups, responses per group, length percentiles, truncation. Token counts
-    by hand for the byte tokenizer: a prompt of n bytes renders to BOS + (SH "user" EH "\\n\\n" text EOT) + (SH "assistant"
+    by hand for the byte tokenizer: a prompt of n bytes renders to BOS + (SH "user" EH "\\n\\n" text EOT) +
+    (SH "assistant"
     EH "\\n\\n") = 1 + (8 + n + 1) + 13 = 23 + n tokens: 53, 43, 40 for the three prompts, so the median is 43. At
     max_prompt_length 45 only the first prompt is cut (to 45, leaving 5 tokens for "Paris." + EOT and its rival)."""
     path = llama3_dir(tmp_path)
@@ -644,11 +653,14 @@ def read_testdata(name):
 
 LLAMA32_TEMPLATE = read_testdata("llama-3.2-instruct.chat_template.jinja")
 LLAMA31_TEMPLATE = read_testdata("llama-3.1-instruct.chat_template.jinja")
-# zephyr-7b-beta's template (the alignment-handbook's), and Mistral-7B-Instruct's, as their tokenizer_config.json hold them
+# zephyr-7b-beta's template (the alignment-handbook's), and Mistral-7B-Instruct's, as their tokenizer_config.json
+# hold them
 ZEPHYR_TEMPLATE = (
-    "{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ '<|user|>\n' + message['content'] + eos_token }}\n"
+    "{% for message in messages %}\n{% if message['role'] == 'user' %}\n"
+    "{{ '<|user|>\n' + message['content'] + eos_token }}\n"
     "{% elif message['role'] == 'system' %}\n{{ '<|system|>\n' + message['content'] + eos_token }}\n"
-    "{% elif message['role'] == 'assistant' %}\n{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n{% endif %}\n"
+    "{% elif message['role'] == 'assistant' %}\n"
+    "{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n{% endif %}\n"
     "{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}"
 )
 MISTRAL_TEMPLATE = (
@@ -693,7 +705,8 @@ def test_llama31_and_32_equal_apply_chat_template(tmp_path, version):
     (testdata/README.md): checked here too."""
     transformers = pytest.importorskip("transformers")
     assert LLAMA31_TEMPLATE == LLAMA32_TEMPLATE.replace(
-        '{%- if strftime_now is defined %}\n        {%- set date_string = strftime_now("%d %b %Y") %}\n    {%- else %}\n'
+        '{%- if strftime_now is defined %}\n'
+        '        {%- set date_string = strftime_now("%d %b %Y") %}\n    {%- else %}\n'
         '        {%- set date_string = "26 Jul 2024" %}\n    {%- endif %}', '{%- set date_string = "26 Jul 2024" %}')
     template = LLAMA31_TEMPLATE if version == "3.1" else LLAMA32_TEMPLATE
     path = llama3_dir(tmp_path, trained_tokenizer(LLAMA3_SPECIALS, bos_post=True), template=None, jinja=template)
@@ -946,7 +959,7 @@ def test_nectar_ranks_and_turns():
 def test_nectar_bad_rows(tmp_path, prompt, message):
     """Malformed Nectar transcripts and ranks: one line naming file, line and field."""
     answers = [{"answer": "a", "model": "m", "rank": 1}, {"answer": "b", "model": "m", "rank": 2}]
-    with pytest.raises(DataError, match=re.escape(f":1: field 'prompt': ") + ".*" + re.escape(message)):
+    with pytest.raises(DataError, match=re.escape(":1: field 'prompt': ") + ".*" + re.escape(message)):
         read_groups(write(tmp_path, "n.jsonl", [{"prompt": prompt, "answers": answers}]))
     with pytest.raises(DataError, match=re.escape(":1: field 'answers[1].rank': rank 3 outside 1..2")):
         read_groups(write(tmp_path, "n.jsonl", [{"prompt": "x", "answers": [answers[0], {**answers[1], "rank": 3}]}]))
