@@ -145,8 +145,8 @@ class Replicated:
 
 
 class Sharded(Replicated):
-    """FSDP2: each block, the embedding and lm_head, then the root (the final norm), sharded over all
-    ranks (empty_model says why).
+    """FSDP2: each block, the final norm, the embedding and lm_head, each sharded over all ranks
+    (empty_model says why).
     Parameters, gradients and AdamW state stay float32; with a bf16 compute dtype the blocks
     compute in bf16 and the parameters travel in bf16, while gradients are reduced in float32
     (reduce-scattering in bf16 would round the sum of N ranks). The mixed-precision policy casts
@@ -170,10 +170,9 @@ class Sharded(Replicated):
     def empty_model(self, config):
         """A Llama of config, sharded: this rank's shards allocated on self.device, uninitialised.
 
-        FSDP units (each all-gathered only while it computes, then freed): every block; the
-        embedding; lm_head; the root keeps the final norm. With tied embeddings the embedding and
-        lm_head are one weight and stay with the root, gathered from the forward to the end of the
-        backward. packing.response_logps reads lm_head's weight outside lm_head's forward (the
+        FSDP units (each all-gathered only while it computes, then freed): every block; the final
+        norm; the embedding; lm_head. With tied embeddings the embedding and lm_head are one weight
+        and stay with the root, gathered from the forward to the end of the backward. packing.response_logps reads lm_head's weight outside lm_head's forward (the
         chunked loss), so lm_head gets a forward method, target_logprobs, that FSDP gathers the
         weight around and again around its backward, whose end reduce-scatters its gradient."""
         with torch.device("meta"):  # shapes only; fully_shard turns each parameter into a DTensor of shards
@@ -181,6 +180,9 @@ class Sharded(Replicated):
         policy = MixedPrecisionPolicy(param_dtype=self.dtype, reduce_dtype=torch.float32)
         for block in model.model.layers:
             fully_shard(block, mesh=self.mesh, mp_policy=policy)
+        # the final norm too (its weights are small): its reduce-scatter, right after lm_head's, frees the float32
+        # buffer of lm_head's (FSDP keeps the last one until the next), before the last block's backward
+        fully_shard(model.model.norm, mesh=self.mesh, mp_policy=policy)
         if not config.tie_word_embeddings:
             fully_shard(model.model.embed_tokens, mesh=self.mesh, mp_policy=policy)
             head = fully_shard(model.lm_head, mesh=self.mesh, mp_policy=policy)
