@@ -2,6 +2,7 @@
 train.py run in this process or as a user runs it."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -35,6 +36,52 @@ def copy_demo_rows(name, n, path):
         g.writelines(f.readlines()[:n])
     return path
 
+
+
+# ------------------------------------------------------------------------------------------------
+# tiny checkpoints written by transformers itself
+
+
+def spread_weights(model, seed=0):
+    """Redraw a transformers model's weights at unit-ish scale (norms near 1, matrices ~ N(0, 4 / fan_in)),
+    so that logits spread out: HF's 0.02 init gives near-constant logits, where a parity test proves little."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(2 * torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
+    return model
+
+
+LLAMA3 = dict(rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+              original_max_position_embeddings=64)  # with head_dim 16 this puts frequencies in all three llama3 bands
+EXTRA_FILES = {"tokenizer.json": '{"model": "dummy"}\n', "chat_template.jinja": "{{ messages }}\n"}
+
+
+def make_checkpoint(path, seed=0, shard=False, old_style=False, rope=LLAMA3, tie=True, nkv=2, head_dim=None):
+    """Write a tiny random Llama checkpoint with transformers' own save_pretrained; return the HF model.
+    Weights are redrawn at unit-ish scale so logits spread out (HF's 0.02 init gives near-constant logits)."""
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=nkv, head_dim=head_dim, max_position_embeddings=256, rms_norm_eps=1e-5,
+        rope_parameters=dict(rope), tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2)
+    hf = spread_weights(transformers.LlamaForCausalLM(config).eval(), seed)
+    hf.save_pretrained(path, max_shard_size="20KB" if shard else "10MB")
+    for name, text in EXTRA_FILES.items():
+        (path / name).write_text(text)
+    if old_style:  # rewrite config.json with the keys transformers < 5 wrote
+        d = json.loads((path / "config.json").read_text())
+        rope_parameters = d.pop("rope_parameters")
+        d["rope_theta"] = rope_parameters.pop("rope_theta")
+        rope_type = rope_parameters.pop("rope_type")
+        d["rope_scaling"] = None if rope_type == "default" else {"type": rope_type, **rope_parameters}
+        d["torch_dtype"] = d.pop("dtype")
+        (path / "config.json").write_text(json.dumps(d))
+    return hf
 
 
 # ------------------------------------------------------------------------------------------------

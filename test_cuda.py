@@ -18,7 +18,6 @@ computations that differ only in kernel and summation order land within that; a 
 """
 
 import copy
-import math
 import os
 import warnings
 from types import SimpleNamespace
@@ -26,6 +25,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from conftest import spread_weights
 from model import Llama, LlamaConfig
 from packing import packed_batch, response_logps
 
@@ -52,20 +52,6 @@ def exact_float32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def spread_weights_(model, seed):
-    """Redraw weights at unit-ish scale (norms near 1, matrices ~ N(0, 4 / fan_in)) so attention is
-    peaked and logits spread out: at the 0.02 init attention is near uniform and logits near equal,
-    and a wrong mask or position would change little."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(2 * torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
-    return model
-
-
 def max_err(a, b):
     return (a.float() - b.float()).abs().max().item()
 
@@ -86,7 +72,7 @@ def checkpoint(tmp_path_factory):
 
     transformers.logging.set_verbosity_error()
     config = transformers.LlamaConfig(**SHAPE, rope_parameters=dict(ROPE))
-    hf = spread_weights_(transformers.LlamaForCausalLM(config).eval(), seed=0)
+    hf = spread_weights(transformers.LlamaForCausalLM(config).eval(), seed=0)
     path = tmp_path_factory.mktemp("cuda") / "llama"
     hf.save_pretrained(path)
     return path, hf
@@ -138,7 +124,7 @@ def test_parity_with_transformers_bf16(checkpoint):
 def model_on_device(dtype=torch.float32, seed=0):
     config = LlamaConfig(**SHAPE, rope_theta=ROPE["rope_theta"], rope_scaling={k: v for k, v in ROPE.items() if k != "rope_theta"})
     with torch.device("cpu"):
-        model = spread_weights_(Llama(config), seed)
+        model = spread_weights(Llama(config), seed)
     return model.to(device=DEVICE, dtype=dtype)
 
 

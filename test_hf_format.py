@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 import hf_format
 from hf_format import MARKER, CheckpointError, ConfigError, atomic_dir, clean_stale
 from model import Llama, LlamaConfig, check_pretrained
-from test_model import LLAMA3, make_checkpoint
+from conftest import LLAMA3, make_checkpoint
 
 
 def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
