@@ -21,6 +21,7 @@ import hashlib
 import importlib
 import importlib.util
 import json
+import math
 import os
 import sys
 import time
@@ -257,7 +258,10 @@ def load_scorer(spec):
         loaded.loader.exec_module(module)
     else:
         sys.path.insert(0, os.getcwd())  # as `python -m` would find it
-        module = importlib.import_module(module_name)
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as e:
+            raise ValueError(f"--scorer {spec}: cannot import {module_name} ({e})") from None
     fn = getattr(module, name, None)
     if not callable(fn):
         raise ValueError(f"--scorer {spec}: {module_name} has no function {name}")
@@ -394,6 +398,7 @@ def main(argv=None):
     log = print if rank == 0 else (lambda *a, **k: None)
     try:
         prompts = read_prompts(args.prompts, args.format)
+        verifier = load_scorer(args.scorer) if args.scorer else None
         tok = ChatTokenizer.from_pretrained(args.model, template=args.template)
         model = Llama.from_pretrained(args.model, dtype=dtype, device=device).eval()
         if args.reward_model:
@@ -401,14 +406,17 @@ def main(argv=None):
 
             rm = RewardModel.from_pretrained(args.reward_model, dtype=dtype, device=device,
                                              batch_size=args.rm_batch_size)
-            score = rm.score_texts
-        else:
-            verifier = load_scorer(args.scorer)
-
-            def score(ps, rs):
-                return [verifier(p, r) for p, r in zip(ps, rs)]
-    except (OSError, DataError, ConfigError, CheckpointError, ValueError, ImportError) as e:
+    except (OSError, DataError, ConfigError, CheckpointError, ValueError) as e:
         fail(e)
+
+    def score(ps, rs):
+        if args.reward_model:
+            return rm.score_texts(ps, rs)
+        out = [verifier(p, r) for p, r in zip(ps, rs)]
+        for p, s in zip(ps, out):
+            if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s):
+                fail(f"--scorer {args.scorer} returned {s!r} for the prompt {str(p)[:60]!r}; expected a finite number")
+        return out
 
     settings = {k: getattr(args, k) for k in SETTINGS} | {"prompt_count": len(prompts)}
     settings_file = os.path.join(parts, "settings.json")

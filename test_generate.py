@@ -312,3 +312,27 @@ def test_groups_under_torchrun(groups):
     assert result.returncode == 0, result.stderr
     assert "2 ranks" in result.stdout
     assert open(root / "ddp.jsonl").read() == open(root / "ref.jsonl").read()
+
+
+def test_groups_scored_by_reward_model(groups):
+    """--reward_model: each distinct answer's score is the reward model's (reward.py, itself checked against
+    transformers in test_reward.py) of (prompt, answer); a causal LM given as --reward_model is refused."""
+    from generate import main
+    from reward import RewardModel
+    from test_reward import make_reward_model
+
+    root, prompts = groups
+    make_reward_model(root / "rm")
+    flags = pipeline_flags(root, root / "rm.jsonl", **{"--num_samples": 3})
+    at = flags.index("--scorer")
+    main(flags[:at] + ["--reward_model", str(root / "rm")] + flags[at + 2:])
+    rows = [json.loads(line) for line in open(root / "rm.jsonl")]
+    assert [r["prompt"] for r in rows] == prompts and rows[0]["sampling"]["scored_by"] == str(root / "rm")
+    rm = RewardModel.from_pretrained(root / "rm")
+    for r in rows:
+        assert r["scores"] == pytest.approx(rm.score_texts([r["prompt"]] * len(r["responses"]), r["responses"]),
+                                            abs=1e-5)
+    with pytest.raises(SystemExit, match="'architectures' is \\['LlamaForCausalLM'\\]"):
+        refused = pipeline_flags(root, root / "refused.jsonl")
+        main(refused[:at] + ["--reward_model", str(root / "model")] + refused[at + 2:])
+    assert not os.path.exists(root / "refused.jsonl.parts")
