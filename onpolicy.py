@@ -103,7 +103,7 @@ def run_seed(args, seed, tok, judge):
     common = ["--max_length", "64", "--max_prompt_length", "32", "--seed", str(seed), "--adam_betas", "0.9", "0.95",
               "--overwrite", "--batch_size", str(args.batch_size), "--micro_batch_size", str(args.batch_size),
               "--log_every", "25"]
-    sft = args.sft_model
+    sft = args.sft_model.format(seed=seed) if args.sft_model else None
     if sft is None:
         torch.manual_seed(seed)
         init = os.path.join(out, "init")
@@ -164,7 +164,8 @@ def parse_args(argv=None):
     a("--out", default="out/onpolicy",
       help="output folder: seedS/{init,sft,offline,onpolicy}, the groups, results.json")
     a("--sft_model", default=None,
-      help="start every seed from this SFT checkpoint (e.g. out/demo/sft/final) instead of training one per seed")
+      help="start from this SFT checkpoint instead of training one per seed; {seed} in it is replaced by the seed "
+           "(e.g. out/onpolicy/seed{seed}/sft/final: an earlier run's SFT models)")
     a("--sft_rows", type=int, default=None, help="SFT demonstrations used (default: all of demo/sft.jsonl)")
     a("--sft_steps", type=int, default=0, help="SFT steps (0: 2 epochs, as train.py's demo)")
     a("--prompts", type=int, default=2400, help="training prompts: the first this many groups of demo/train.jsonl")
