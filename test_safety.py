@@ -241,6 +241,7 @@ def test_second_sigterm_exits_at_once(done, tmp_path):
     for line in p.stderr:  # what else the run says on stderr comes first
         if line.startswith("SIGTERM: finishing this step"):
             break
+    assert line.startswith("SIGTERM: finishing this step"), line  # (the old code died at the first SIGTERM)
     p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=300)
     assert p.returncode == -signal.SIGTERM and "stopped by SIGTERM" not in err, (p.returncode, err[-2000:])
