@@ -1,11 +1,14 @@
 """Helpers shared by the test files: tiny Llamas with the demo's tokenizer, the demo's data, and
 train.py run in this process or as a user runs it."""
 
+import atexit
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -14,6 +17,11 @@ from safetensors.torch import load_file
 from model import Llama, LlamaConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+# train.py and data.py keep tokenized data sets in a cache (default ~/.cache/mppo): the tests, and the
+# train.py processes they start, keep theirs in a temporary folder removed when the session ends.
+os.environ["MPPO_CACHE"] = tempfile.mkdtemp(prefix="mppo-test-cache-")
+atexit.register(shutil.rmtree, os.environ["MPPO_CACHE"], ignore_errors=True)
 
 DEMO = os.path.join(HERE, "demo")
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16)
