@@ -20,7 +20,6 @@ the eval column when no run evaluated. Needs matplotlib (pip install -r requirem
 
 import argparse
 import json
-import math
 import os
 import sys
 
