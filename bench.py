@@ -65,18 +65,38 @@ SHAPES = {  # hidden, layers, heads, kv_heads, intermediate, vocab, tied embeddi
 }
 # dense (no sparsity) bf16/fp16 tensor-core peaks from the datasheets, FLOP/s, matched against
 # torch.cuda.get_device_name() in this order, so the PCIe/NVL parts come before the SXM name they contain
-DATASHEET_BF16 = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H200 NVL": 835e12, "GH200": 989e12, "H200": 989e12,
-                  "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12}
-IMPL_NAMES = dict(causal="SDPA, causal", sdpa="SDPA with a dense mask", segments="SDPA per segment (packing.SegmentAttention)",
-                  flex="flex_attention (packing.FlexAttention)")
+DATASHEET_BF16 = {
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
+    "H200 NVL": 835e12,
+    "GH200": 989e12,
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10G": 70e12,
+    "L4": 121e12,
+}
+IMPL_NAMES = dict(
+    causal="SDPA, causal",
+    sdpa="SDPA with a dense mask",
+    segments="SDPA per segment (packing.SegmentAttention)",
+    flex="flex_attention (packing.FlexAttention)",
+)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: float32 on CPU, bfloat16 on CUDA)")
-    p.add_argument("--shape", default=None, choices=sorted(SHAPES),
-                   help="model shape preset (default: smollm2-135m on CPU, llama3-8b-width on CUDA); flags below override")
+    p.add_argument(
+        "--shape",
+        default=None,
+        choices=sorted(SHAPES),
+        help="model shape preset (default: smollm2-135m on CPU, llama3-8b-width on CUDA); flags below override",
+    )
     p.add_argument("--tiny", action="store_true", help="tiny shape, short groups, 1 step: a smoke test in seconds")
     p.add_argument("--layers", type=int, help="transformer blocks")
     p.add_argument("--hidden", type=int, help="hidden size")
@@ -89,37 +109,64 @@ def parse_args(argv=None):
     p.add_argument("--prompt_median", type=float, default=120, help="median prompt length, tokens")
     p.add_argument("--response_median", type=float, default=290, help="median response length, tokens")
     p.add_argument("--sigma", type=float, default=0.7, help="log-normal sigma of both lengths (the right tail)")
-    p.add_argument("--max_len", type=int, default=2048, help="clip: prompt + response tokens, as a trainer's max_length")
+    p.add_argument(
+        "--max_len", type=int, default=2048, help="clip: prompt + response tokens, as a trainer's max_length"
+    )
     p.add_argument("--steps", type=int, default=None, help="timed steps per layout (default: 2 on CPU, 10 on CUDA)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 1; 2 with --compile)")
     p.add_argument("--chunk_size", type=int, default=1024, help="positions per chunk of the head in the default path")
     p.add_argument("--max_row_tokens", type=int, default=None, help="packed row budget (default: longest group)")
-    p.add_argument("--attn_impl", nargs="+", default=["auto"], choices=["auto", "sdpa", "segments", "flex"],
-                   help="attention of the default path (packing.choose_attention); several: one default row each")
+    p.add_argument(
+        "--attn_impl",
+        nargs="+",
+        default=["auto"],
+        choices=["auto", "sdpa", "segments", "flex"],
+        help="attention of the default path (packing.choose_attention); several: one default row each",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile each transformer block (in every layout)")
-    p.add_argument("--compile_backend", default="inductor",
-                   help="torch.compile backend of --compile (aot_eager: traces and recompiles the same, generates no code; a quick CPU check)")
-    p.add_argument("--timeout", type=float, default=None,
-                   help="seconds one layout's run may take (a hung compile or kernel fails its row, not the whole bench)")
+    p.add_argument(
+        "--compile_backend",
+        default="inductor",
+        help="torch.compile backend of --compile "
+        "(aot_eager: traces and recompiles the same, generates no code; a quick CPU check)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="seconds one layout's run may take (a hung compile or kernel fails its row, not the whole bench)",
+    )
     p.add_argument("--loss", default="pair_mnm", choices=sorted(LOSSES), help="MPPO loss (mppo.LOSSES)")
     p.add_argument("--seed", type=int, default=0, help="seed of the groups and the model")
-    p.add_argument("--rounds", type=int, default=1,
-                   help="run each layout this many times, alternating, and keep its fastest run (a busy machine)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run each layout this many times, alternating, and keep its fastest run (a busy machine)",
+    )
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads; default: torch's)")
-    p.add_argument("--generate", action="store_true",
-                   help="decoding instead of training: batched sampling against transformers' generate and one "
-                        "sequence at a time, then MT-Bench-like questions one at a time and batched")
+    p.add_argument(
+        "--generate",
+        action="store_true",
+        help="decoding instead of training: batched sampling against transformers' generate and one "
+        "sequence at a time, then MT-Bench-like questions one at a time and batched",
+    )
     p.add_argument("--gen_batch", type=int, default=16, help="--generate: rows decoded together")
     p.add_argument("--gen_prompt_len", type=int, default=32, help="--generate: tokens of the repeated prompt")
     p.add_argument("--gen_new_tokens", type=int, default=128, help="--generate: new tokens per row")
     p.add_argument("--gen_temperature", type=float, default=0.8, help="--generate: sampling temperature")
     p.add_argument("--gen_top_p", type=float, default=0.95, help="--generate: nucleus sampling threshold")
     p.add_argument("--gen_sequential", type=int, default=2, help="--generate: sequences timed one at a time")
-    p.add_argument("--mt_questions", type=int, default=80,
-                   help="--generate: MT-Bench-like two-turn questions (0: skip)")
+    p.add_argument(
+        "--mt_questions", type=int, default=80, help="--generate: MT-Bench-like two-turn questions (0: skip)"
+    )
     p.add_argument("--mt_new_tokens", type=int, default=256, help="--generate: new tokens per turn of those questions")
-    p.add_argument("--mt_sequential", type=int, default=None,
-                   help="--generate: answer only the first this many questions one at a time, and scale (default: all)")
+    p.add_argument(
+        "--mt_sequential",
+        type=int,
+        default=None,
+        help="--generate: answer only the first this many questions one at a time, and scale (default: all)",
+    )
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: run one layout, print JSON
     args = p.parse_args(argv)
 
@@ -168,9 +215,15 @@ def build_model(args, device=None):
     from model import Llama, LlamaConfig
 
     config = LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-        max_position_embeddings=args.max_len, rope_theta=500000.0, tie_word_embeddings=args.tie,
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        max_position_embeddings=args.max_len,
+        rope_theta=500000.0,
+        tie_word_embeddings=args.tie,
     )
     torch.manual_seed(args.seed)
     with torch.device(device or args.device):
@@ -255,8 +308,17 @@ def run_layout(args):
     # after the steps, so that memory the matmuls leave with the allocator does not hide in rss0
     matmul = matmul_throughput(args, seconds=0.02 if args.tiny else 0.3)
     total = sum(times)
-    return dict(layout=args.child, seconds=total, groups=groups, tokens=tokens, logical=logical, flops=flops, peak=peak,
-                matmul=matmul, attention=sorted(attention) or ["causal"])
+    return dict(
+        layout=args.child,
+        seconds=total,
+        groups=groups,
+        tokens=tokens,
+        logical=logical,
+        flops=flops,
+        peak=peak,
+        matmul=matmul,
+        attention=sorted(attention) or ["causal"],
+    )
 
 
 def matmul_throughput(args, rows=2048, seconds=0.3):
@@ -265,8 +327,13 @@ def matmul_throughput(args, rows=2048, seconds=0.3):
     timed for about `seconds` after a warm-up, so the mix of shapes is the model's own."""
     dtype = getattr(torch, args.dtype)
     hd = args.hidden // args.heads
-    block = [(args.hidden, args.heads * hd), (args.hidden, 2 * args.kv_heads * hd), (args.heads * hd, args.hidden),
-             (args.hidden, 2 * args.intermediate), (args.intermediate, args.hidden)]
+    block = [
+        (args.hidden, args.heads * hd),
+        (args.hidden, 2 * args.kv_heads * hd),
+        (args.heads * hd, args.hidden),
+        (args.hidden, 2 * args.intermediate),
+        (args.intermediate, args.hidden),
+    ]
     total_flops, total_time = 0, 0.0
     for (n_in, n_out), count in [(shape, args.layers) for shape in block] + [((args.hidden, args.vocab), 1)]:
         x = torch.randn(rows, n_in, device=args.device, dtype=dtype)
@@ -306,8 +373,12 @@ def child_result(args, layout):
         return dict(layout=layout, error=last)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     # as each layout finishes, so a run stopped from outside still shows what it measured
-    print(f"bench.py: {layout}: {result['groups'] / result['seconds']:.3g} groups/s, "
-          f"peak {result['peak'] / 1024**3:.2f} GiB", file=sys.stderr, flush=True)
+    print(
+        f"bench.py: {layout}: {result['groups'] / result['seconds']:.3g} groups/s, "
+        f"peak {result['peak'] / 1024**3:.2f} GiB",
+        file=sys.stderr,
+        flush=True,
+    )
     return result
 
 
@@ -334,8 +405,13 @@ def table(args, results, matmul_flops, datasheet):
             rows.append([row_name(r["layout"], args)] + ["failed"] * len(keys))
             continue
         s = r["seconds"]
-        v = dict(gps=r["groups"] / s, tps=r["tokens"] / s, lps=r["logical"] / s, mem=r["peak"] / gib,
-                 mfu=r["flops"] / s / matmul_flops)
+        v = dict(
+            gps=r["groups"] / s,
+            tps=r["tokens"] / s,
+            lps=r["logical"] / s,
+            mem=r["peak"] / gib,
+            mfu=r["flops"] / s / matmul_flops,
+        )
         if datasheet:
             v["mfu_ds"] = r["flops"] / s / datasheet
         values[r["layout"]] = v
@@ -365,12 +441,21 @@ def hf_twin(model):
     transformers.logging.set_verbosity_error()
     c = model.config
     config = transformers.LlamaConfig(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
-        num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim,
-        max_position_embeddings=c.max_position_embeddings, rope_theta=c.rope_theta, rms_norm_eps=c.rms_norm_eps,
+        vocab_size=c.vocab_size,
+        hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_hidden_layers,
+        num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads,
+        head_dim=c.head_dim,
+        max_position_embeddings=c.max_position_embeddings,
+        rope_theta=c.rope_theta,
+        rms_norm_eps=c.rms_norm_eps,
         tie_word_embeddings=c.tie_word_embeddings,
-        bos_token_id=None, eos_token_id=None, pad_token_id=0)
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
     hf = transformers.LlamaForCausalLM(config).to(dtype=next(model.parameters()).dtype).eval()
     missing, unexpected = hf.load_state_dict(model.state_dict(), strict=False)
     if unexpected or set(missing) - {"lm_head.weight"}:
@@ -389,6 +474,7 @@ def timed(fn, device):
 def mt_bench_like(args, g):
     """--mt_questions two-turn conversations of random token ids with MT-Bench-like lengths: turns
     log-normal around 60 and 40 tokens (sigma 0.5), plus 10 tokens of chat template each."""
+
     def turn(median):
         n = int(min(max(round(math.exp(math.log(median) + 0.5 * float(torch.randn((), generator=g)))), 4), 400)) + 10
         return torch.randint(0, args.vocab, (n,), generator=g).tolist()
@@ -434,37 +520,54 @@ def generation_bench(args):
     ids = torch.tensor([prompt] * B, device=args.device)  # (B, P)
 
     def ours_one():
-        return [len(generate(model, prompt, N, temperature=T, top_p=P, generator=gen))
-                for _ in range(args.gen_sequential)]
+        return [
+            len(generate(model, prompt, N, temperature=T, top_p=P, generator=gen)) for _ in range(args.gen_sequential)
+        ]
 
     def ours_batch():
         return [len(x) for x in generate_batch(model, [prompt] * B, N, temperature=T, top_p=P, generators=gen)]
 
     def theirs():  # top_k=0: transformers' default top-k of 50 off, as ours; no EOS: every row runs N tokens
-        out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=T, top_p=P, top_k=0,
-                          max_new_tokens=N, min_new_tokens=N, pad_token_id=0)
+        out = hf.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=True,
+            temperature=T,
+            top_p=P,
+            top_k=0,
+            max_new_tokens=N,
+            min_new_tokens=N,
+            pad_token_id=0,
+        )
         return [out.shape[1] - ids.shape[1]] * B
 
     # a short warm-up of each path outside the timing (allocator, first-call overheads)
     generate(model, prompt, 2, temperature=T, top_p=P, generator=gen)
     generate_batch(model, [prompt] * 2, 2, temperature=T, top_p=P, generators=gen)
-    hf.generate(ids[:2], attention_mask=torch.ones_like(ids[:2]), do_sample=True, max_new_tokens=2, pad_token_id=0,
-                top_k=0)
+    hf.generate(
+        ids[:2], attention_mask=torch.ones_like(ids[:2]), do_sample=True, max_new_tokens=2, pad_token_id=0, top_k=0
+    )
     rows = []
-    for name, fn in ((f"1. one at a time (generate.generate), {args.gen_sequential} sequence(s)", ours_one),
-                     (f"2. transformers generate, batch {B}", theirs),
-                     (f"3. batched (generate.generate_batch), batch {B}", ours_batch)):
+    for name, fn in (
+        (f"1. one at a time (generate.generate), {args.gen_sequential} sequence(s)", ours_one),
+        (f"2. transformers generate, batch {B}", theirs),
+        (f"3. batched (generate.generate_batch), batch {B}", ours_batch),
+    ):
         seconds, lengths = timed(fn, args.device)
         rows.append((name, sum(lengths) / seconds))
         print(f"bench.py: {name}: {sum(lengths)} tokens in {seconds:.1f} s", file=sys.stderr, flush=True)
     one, hf_rate, batched = (r[1] for r in rows)
 
-    print(f"mppo bench --generate: CPU, {torch.get_num_threads()} threads, {os.cpu_count()} cores, {args.dtype}, "
-          f"torch {torch.__version__}, transformers {sys.modules['transformers'].__version__}; load average "
-          f"{load_before:.2f} before")
+    print(
+        f"mppo bench --generate: CPU, {torch.get_num_threads()} threads, {os.cpu_count()} cores, {args.dtype}, "
+        f"torch {torch.__version__}, transformers {sys.modules['transformers'].__version__}; load average "
+        f"{load_before:.2f} before"
+    )
     print(f"model: {args.shape} shape, {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}, random weights")
-    print(f"\none prompt of {args.gen_prompt_len} tokens, {N} new tokens per row, temperature {T:g}, top-p {P:g} "
-          "(top-k off)\n")
+    print(
+        f"\none prompt of {args.gen_prompt_len} tokens, {N} new tokens per row, temperature {T:g}, top-p {P:g} "
+        "(top-k off)\n"
+    )
     print("| decoding | tokens/s | ratio to 1 |\n|---|---|---|")
     for name, rate in rows:
         print(f"| {name} | {rate:.1f} | {rate / one:.2f}x |")
@@ -474,11 +577,14 @@ def generation_bench(args):
         conversations = mt_bench_like(args, g)
         k = args.mt_sequential if args.mt_sequential is not None else len(conversations)
         t_batch, n_batch = timed(lambda: answer_conversations(model, conversations, args, B, gen), args.device)
-        t_one, n_one = (timed(lambda: answer_conversations(model, conversations[:k], args, 1, gen), args.device)
-                        if k else (0, 0))
+        t_one, n_one = (
+            timed(lambda: answer_conversations(model, conversations[:k], args, 1, gen), args.device) if k else (0, 0)
+        )
         scaled = t_one * len(conversations) / k if k else float("nan")
-        print(f"\n{len(conversations)} MT-Bench-like questions x 2 turns, {args.mt_new_tokens} new tokens per turn "
-              f"(random weights never stop: every answer is full length)\n")
+        print(
+            f"\n{len(conversations)} MT-Bench-like questions x 2 turns, {args.mt_new_tokens} new tokens per turn "
+            f"(random weights never stop: every answer is full length)\n"
+        )
         print("| answering | wall time (s) | tokens/s |\n|---|---|---|")
         what = "" if k == len(conversations) else f" (measured on {k} of them: {t_one:.0f} s, scaled)"
         print(f"| one at a time{what} | {scaled:.0f} | {n_one / t_one if k else float('nan'):.1f} |")
@@ -517,19 +623,28 @@ def main():
     text, _ = table(args, results, matmul, datasheet)
     tied = " (tied embeddings)" if args.tie else ""
     # other processes on the machine slow one layout more than the other: the load tells
-    print(f"mppo bench: {machine}, {args.dtype}, torch {torch.__version__}{', compiled blocks' if args.compile else ''}; "
-          f"load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after")
-    print(f"model: {args.shape} shape, {args.layers} layers, hidden {args.hidden}, heads {args.heads}/{args.kv_heads}, "
-          f"MLP {args.intermediate}, vocab {args.vocab}{tied}, {n_params / 1e6:.1f}M parameters")
+    print(
+        f"mppo bench: {machine}, {args.dtype}, torch {torch.__version__}{', compiled blocks' if args.compile else ''}; "
+        f"load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after"
+    )
+    print(
+        f"model: {args.shape} shape, {args.layers} layers, hidden {args.hidden}, heads {args.heads}/{args.kv_heads}, "
+        f"MLP {args.intermediate}, vocab {args.vocab}{tied}, {n_params / 1e6:.1f}M parameters"
+    )
     best = f", fastest of {args.rounds} alternating runs per layout" if args.rounds > 1 else ""
-    print(f"groups: {args.groups} per step x {args.steps} steps (+{args.warmup} warm-up){best}, {args.responses} responses, "
-          f"log-normal lengths, median prompt {args.prompt_median:g} / response {args.response_median:g}, "
-          f"sigma {args.sigma:g}, max_len {args.max_len}")
+    print(
+        f"groups: {args.groups} per step x {args.steps} steps (+{args.warmup} warm-up){best}, "
+        f"{args.responses} responses, "
+        f"log-normal lengths, median prompt {args.prompt_median:g} / response {args.response_median:g}, "
+        f"sigma {args.sigma:g}, max_len {args.max_len}"
+    )
     for r in results:
         what = f"failed: {r['error']}" if "error" in r else " and ".join(IMPL_NAMES[a] for a in r["attention"])
         print(f"attention of {row_name(r['layout'], args).split(' (')[0]}: {what}")
-    print(f"dense matmul throughput measured at the model's shapes: {matmul / 1e9:.1f} GFLOP/s"
-          + (f"; datasheet peak {datasheet / 1e12:.0f} TFLOP/s" if datasheet else ""))
+    print(
+        f"dense matmul throughput measured at the model's shapes: {matmul / 1e9:.1f} GFLOP/s"
+        + (f"; datasheet peak {datasheet / 1e12:.0f} TFLOP/s" if datasheet else "")
+    )
     print()
     print(text)
     failed = [r["layout"] for r in results if "error" in r]

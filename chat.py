@@ -22,7 +22,6 @@ from hf_format import CheckpointError
 # has no Jinja); any other template through jinja2, when it is installed
 
 
-
 TEMPLATES = ("llama3", "llama3.1", "chatml", "jinja", "none")
 # Per template: the text that opens the assistant's turn and the token that ends every turn.
 LLAMA_HEADER = "<|start_header_id|>assistant<|end_header_id|>\n\n"
@@ -75,8 +74,10 @@ def compile_jinja(text, now):
         import jinja2.ext
         from jinja2.sandbox import ImmutableSandboxedEnvironment
     except ImportError:
-        raise CheckpointError("the chat template is neither Llama 3 nor ChatML, and rendering it needs jinja2 "
-                              "(pip install jinja2); or pass --template llama3, chatml or none") from None
+        raise CheckpointError(
+            "the chat template is neither Llama 3 nor ChatML, and rendering it needs jinja2 "
+            "(pip install jinja2); or pass --template llama3, chatml or none"
+        ) from None
 
     class Generation(jinja2.ext.Extension):
         """{% generation %}...{% endgeneration %}, which marks the assistant's text for transformers'
@@ -98,8 +99,9 @@ def compile_jinja(text, now):
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[Generation, jinja2.ext.loopcontrols])
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[Generation, jinja2.ext.loopcontrols]
+    )
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = now.strftime
@@ -127,10 +129,20 @@ class ChatTokenizer:
     at the boundary.) What a template writes after the response's last stop token (ChatML's "\\n"
     after <|im_end|>) is not scored: the model stops there and never generates it."""
 
-    def __init__(self, tokenizer, template, bos_token=None, eos_token=None,
-                 pad_token=None, default_system=None, add_bos=None,
-                 extra_stop_ids=(), chat_template=None, date_string=None,
-                 template_vars=None):
+    def __init__(
+        self,
+        tokenizer,
+        template,
+        bos_token=None,
+        eos_token=None,
+        pad_token=None,
+        default_system=None,
+        add_bos=None,
+        extra_stop_ids=(),
+        chat_template=None,
+        date_string=None,
+        template_vars=None,
+    ):
         if template not in TEMPLATES:
             raise ValueError(f"unknown chat template {template!r}; choose one of {', '.join(TEMPLATES)}")
         for t in REQUIRED_TOKENS.get(template, ()):
@@ -143,8 +155,10 @@ class ChatTokenizer:
         self.bos_id = self._token_id(bos_token)
         self.eos_id = self._token_id(eos_token)
         if self.eos_id is None:
-            raise ValueError("the tokenizer has no eos token (looked in tokenizer_config.json, "
-                             "special_tokens_map.json, generation_config.json)")
+            raise ValueError(
+                "the tokenizer has no eos token (looked in tokenizer_config.json, "
+                "special_tokens_map.json, generation_config.json)"
+            )
         self.pad_id = self._token_id(pad_token) if pad_token is not None else self.eos_id
         # Llama 3 starts every prompt with <|begin_of_text|>; a ChatML template writes bos_token only
         # if it says so (Qwen's do not); a raw-text prompt gets one if the tokenizer has one; a Jinja
@@ -227,16 +241,29 @@ class ChatTokenizer:
         if eos is None and ids(gen.get("eos_token_id")):
             eos = tokenizer.id_to_token(ids(gen["eos_token_id"])[0])
         template = template or detect_template(chat_template)
-        return cls(tokenizer, template, bos_token=bos, eos_token=eos, pad_token=pad,
-                   default_system=chatml_default_system(chat_template) if template == "chatml" else None,
-                   add_bos=("bos_token" in (chat_template or "")) if template == "chatml" else None,
-                   extra_stop_ids=ids(gen.get("eos_token_id")), chat_template=chat_template, date_string=date_string,
-                   template_vars=template_vars)
+        return cls(
+            tokenizer,
+            template,
+            bos_token=bos,
+            eos_token=eos,
+            pad_token=pad,
+            default_system=chatml_default_system(chat_template) if template == "chatml" else None,
+            add_bos=("bos_token" in (chat_template or "")) if template == "chatml" else None,
+            extra_stop_ids=ids(gen.get("eos_token_id")),
+            chat_template=chat_template,
+            date_string=date_string,
+            template_vars=template_vars,
+        )
 
     def _render_jinja(self, messages, add_generation_prompt):
         try:
-            return self.jinja.render(messages=messages, tools=None, documents=None,
-                                     add_generation_prompt=add_generation_prompt, **self.template_vars)
+            return self.jinja.render(
+                messages=messages,
+                tools=None,
+                documents=None,
+                add_generation_prompt=add_generation_prompt,
+                **self.template_vars,
+            )
         except Exception as e:  # a template is a program: raise_exception, a type error, a missing key
             raise ValueError(f"the chat template failed on this conversation: {type(e).__name__}: {e}") from None
 
@@ -246,8 +273,10 @@ class ChatTokenizer:
         bos = self.bos_token if self.add_bos else ""
         if self.template == "none":
             if not isinstance(prompt, str):
-                raise ValueError("template 'none' takes plain-text prompts, but this prompt is a conversation; "
-                                 "choose a chat template")
+                raise ValueError(
+                    "template 'none' takes plain-text prompts, but this prompt is a conversation; "
+                    "choose a chat template"
+                )
             return bos + prompt
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         if self.template == "jinja":
@@ -256,15 +285,19 @@ class ChatTokenizer:
             head = ""
             if self.template == "llama3.1":  # the system turn always comes, dated, the user's system message after
                 if any(m["role"] in ("tool", "ipython") for m in messages):
-                    raise ValueError("conversations with tool results are not supported "
-                                     "(Llama 3.1 renders them as tool calls)")
+                    raise ValueError(
+                        "conversations with tool results are not supported (Llama 3.1 renders them as tool calls)"
+                    )
                 system = ""
                 if messages[0]["role"] == "system":
                     system, messages = messages[0]["content"].strip(), messages[1:]
-                head = ("<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n"
-                        f"Today Date: {self.date_string}\n\n{system}<|eot_id|>")
-            turns = [head] + [f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content'].strip()}<|eot_id|>"
-                              for m in messages]
+                head = (
+                    "<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n"
+                    f"Today Date: {self.date_string}\n\n{system}<|eot_id|>"
+                )
+            turns = [head] + [
+                f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content'].strip()}<|eot_id|>" for m in messages
+            ]
         else:
             if self.default_system is not None and messages[0]["role"] != "system":
                 messages = [{"role": "system", "content": self.default_system}, *messages]
@@ -289,15 +322,19 @@ class ChatTokenizer:
         head = self._render_jinja(messages, add_generation_prompt=not include_header)
         full = self._render_jinja(messages + [{"role": "assistant", "content": text}], add_generation_prompt=False)
         if not full.startswith(head):
-            raise ValueError("the chat template renders prompt + response so that it does not begin with the prompt "
-                             "as rendered for generation, so the response cannot be told apart; pass --template")
-        tail = full[len(head):]
+            raise ValueError(
+                "the chat template renders prompt + response so that it does not begin with the prompt "
+                "as rendered for generation, so the response cannot be told apart; pass --template"
+            )
+        tail = full[len(head) :]
         stops = [s for s in (self.tokenizer.id_to_token(i) for i in self.stop_ids) if s and s in tail]
         if not stops:
             names = ", ".join(sorted(self.tokenizer.id_to_token(i) for i in self.stop_ids))
-            raise ValueError(f"the chat template ends the assistant's turn with no stop token ({names}), "
-                             "so generation would not stop")
-        return tail[:max(tail.rfind(s) + len(s) for s in stops)]  # what follows the last stop token is never generated
+            raise ValueError(
+                f"the chat template ends the assistant's turn with no stop token ({names}), "
+                "so generation would not stop"
+            )
+        return tail[: max(tail.rfind(s) + len(s) for s in stops)]  # what follows the last stop token is never generated
 
     def encode(self, text):
         return self.tokenizer.encode(text, add_special_tokens=False).ids
@@ -305,8 +342,17 @@ class ChatTokenizer:
     def fingerprint(self):
         """A hash of everything that decides the ids of a rendered text: the tokenizer (tokenizer.json as
         loaded), the template and its text, the date, the special tokens, BOS and stop ids."""
-        settings = [self.template, self.chat_template, self.date_string, self.template_vars, self.default_system,
-                    self.bos_token, self.eos_token, self.add_bos, sorted(self.stop_ids)]
+        settings = [
+            self.template,
+            self.chat_template,
+            self.date_string,
+            self.template_vars,
+            self.default_system,
+            self.bos_token,
+            self.eos_token,
+            self.add_bos,
+            sorted(self.stop_ids),
+        ]
         h = hashlib.sha256(self.tokenizer.to_str().encode())
         h.update(json.dumps(settings, sort_keys=True, default=str).encode())
         return h.hexdigest()
@@ -322,4 +368,3 @@ class ChatTokenizer:
 
     def decode(self, ids, skip_special_tokens=True):
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
-

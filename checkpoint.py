@@ -59,19 +59,54 @@ from parallel import all_gather, all_reduce_sum, barrier, shared_atomic_dir
 OWN_FOLDERS = r"checkpoint-\d+|final"  # what a run writes into --out, besides the files below
 OWN_FILES = ("args.json", "metrics.jsonl")
 # the entries of a folder this project writes: a Hugging Face model folder, and in a checkpoint the training state
-FOLDER_ENTRIES = (MARKER, "config.json", "model.safetensors", "model.safetensors.index.json", *TOKENIZER_FILES,
-                  "optimizer.pt", "trainer_state.pt", "sharded")
+FOLDER_ENTRIES = (
+    MARKER,
+    "config.json",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    *TOKENIZER_FILES,
+    "optimizer.pt",
+    "trainer_state.pt",
+    "sharded",
+)
 SHARD = r"model-\d{5}-of-\d{5}\.safetensors"
 # flags that define what a run computes: a resume that changes one continues a different run than the
 # checkpoint's. The others change only how often it logs, evaluates and saves, where results go, or how it
 # is computed (micro-batches, layout, device, compilation: float32 summation order at most).
-RUN_FLAGS = ("model", "data", "eval_data", "data_format", "score_field", "score_range", "template", "date_string",
-             "loss", "beta", "gamma_beta_ratio", "orpo_lambda", "epochs", "max_steps", "batch_size", "lr",
-             "warmup_ratio", "weight_decay", "adam_betas", "grad_clip", "max_length", "max_prompt_length",
-             "score_header", "seed", "dtype")
-DISK_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
-               errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
-               errno.EROFS: "read-only file system"}
+RUN_FLAGS = (
+    "model",
+    "data",
+    "eval_data",
+    "data_format",
+    "score_field",
+    "score_range",
+    "template",
+    "date_string",
+    "loss",
+    "beta",
+    "gamma_beta_ratio",
+    "orpo_lambda",
+    "epochs",
+    "max_steps",
+    "batch_size",
+    "lr",
+    "warmup_ratio",
+    "weight_decay",
+    "adam_betas",
+    "grad_clip",
+    "max_length",
+    "max_prompt_length",
+    "score_header",
+    "seed",
+    "dtype",
+)
+DISK_ERRORS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EROFS: "read-only file system",
+}
 _lock = None  # the file descriptor of --out, flocked: the lock lives as long as this process (or lock_out's next call)
 
 
@@ -93,8 +128,10 @@ def check_out_flags(args):
         fail("--resume continues the run in --out and --overwrite deletes it: pass only one of them")
     for flag in args.allow_change:
         if flag not in RUN_FLAGS:
-            fail(f"--allow_change {flag}: not a flag that defines the run (those are {', '.join(RUN_FLAGS)}); "
-                 f"the others may change on --resume as they are")
+            fail(
+                f"--allow_change {flag}: not a flag that defines the run (those are {', '.join(RUN_FLAGS)}); "
+                f"the others may change on --resume as they are"
+            )
     if args.allow_change and not args.resume:
         fail("--allow_change applies to --resume only")
 
@@ -121,8 +158,9 @@ def lock_out(out):
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise CheckpointStateError(f"--out {out} is in use by another run ({lock_holder(out)}); wait for it to "
-                                   f"end or choose another --out") from None
+        raise CheckpointStateError(
+            f"--out {out} is in use by another run ({lock_holder(out)}); wait for it to end or choose another --out"
+        ) from None
     _lock = fd
 
 
@@ -170,17 +208,21 @@ def check_out(out, resume, overwrite):
     folders, _ = own_outputs(out)
     if folders and not (resume or overwrite):
         names = ", ".join(p.name for p in folders[:3])
-        raise CheckpointStateError(f"--out {out} already holds a run ({names}); "
-                                   f"pass --resume to continue it or --overwrite to replace it")
+        raise CheckpointStateError(
+            f"--out {out} already holds a run ({names}); pass --resume to continue it or --overwrite to replace it"
+        )
     for folder in folders:
         if why := not_ours(folder):
-            raise CheckpointStateError(f"--out {out}: {why}, and the run would delete or replace it with "
-                                       f"{folder.name}/; move it out of --out")
+            raise CheckpointStateError(
+                f"--out {out}: {why}, and the run would delete or replace it with {folder.name}/; move it out of --out"
+            )
     for p in sorted(out.iterdir()):
         name, dot, suffix = p.name.rpartition(".")
         if dot and suffix in ("tmp", "old") and re.fullmatch(OWN_FOLDERS, name):
-            raise CheckpointStateError(f"--out {out}: {p.name} was not written by this project (no {MARKER} "
-                                       f"inside), and a save needs that name; move it away")
+            raise CheckpointStateError(
+                f"--out {out}: {p.name} was not written by this project (no {MARKER} "
+                f"inside), and a save needs that name; move it away"
+            )
 
 
 def clear_out(out):
@@ -215,8 +257,12 @@ def rng_state(generators):
     """This process's random state, as tensors, lists and numbers only (no pickled objects)."""
     version, mt, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"python": [version, list(mt), gauss], "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
-             "torch": torch.get_rng_state(), "generators": {k: g.get_state() for k, g in generators.items()}}
+    state = {
+        "python": [version, list(mt), gauss],
+        "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+        "generators": {k: g.get_state() for k, g in generators.items()},
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -269,9 +315,11 @@ def saving(out, name):
         if e.errno not in DISK_ERRORS:
             raise
         newest = checkpoints(out)
-        fail(f"saving {Path(out) / name} failed: {DISK_ERRORS[e.errno]} ({errno.errorcode[e.errno]}); the newest "
-             f"complete checkpoint is {newest[-1] if newest else 'none (nothing saved yet)'}"
-             + (", and --resume continues from it" if newest else ""))
+        fail(
+            f"saving {Path(out) / name} failed: {DISK_ERRORS[e.errno]} ({errno.errorcode[e.errno]}); the newest "
+            f"complete checkpoint is {newest[-1] if newest else 'none (nothing saved yet)'}"
+            + (", and --resume continues from it" if newest else "")
+        )
 
 
 def disk_error(e, folder):
@@ -297,8 +345,10 @@ def load_state_file(path, what="a checkpoint file", mmap=False):
         raise CheckpointStateError(f"{path}: missing") from None
     except pickle.UnpicklingError as e:
         if "GLOBAL" in str(e):  # a well-formed pickle that names a function or class to call
-            raise CheckpointStateError(f"{path}: refusing to load it: it holds pickled objects that could run code "
-                                       f"(a checkpoint written by something else?)") from None
+            raise CheckpointStateError(
+                f"{path}: refusing to load it: it holds pickled objects that could run code "
+                f"(a checkpoint written by something else?)"
+            ) from None
         raise CheckpointStateError(f"{path}: unreadable (not {what})") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise CheckpointStateError(f"{path}: unreadable ({str(e).splitlines()[0]})") from None
@@ -342,8 +392,9 @@ def resume_point(out, log):
                 raise
             log(f"--resume: {e}; trying the checkpoint before it")
     if found:
-        raise CheckpointStateError(f"--resume: no usable checkpoint in {out} (see above); "
-                                   f"start afresh with --overwrite")
+        raise CheckpointStateError(
+            f"--resume: no usable checkpoint in {out} (see above); start afresh with --overwrite"
+        )
     return None, None
 
 
@@ -358,15 +409,19 @@ def check_resumable(state, args, folder):
     {flag: [checkpoint's value, this run's]} of the changes let through."""
     saved = state["args"]
     if saved["fsdp"] != args.fsdp:
-        fail(f"--resume: {folder} was written {'without' if args.fsdp else 'with'} --fsdp; resume the same way, "
-             f"or start a new run from its weights with --model {folder} (AdamW state starts afresh)")
+        fail(
+            f"--resume: {folder} was written {'without' if args.fsdp else 'with'} --fsdp; resume the same way, "
+            f"or start a new run from its weights with --model {folder} (AdamW state starts afresh)"
+        )
     changed = {k: [saved[k], getattr(args, k)] for k in RUN_FLAGS if k in saved and saved[k] != getattr(args, k)}
     refused = [k for k in changed if k not in args.allow_change]
     if refused:
         diffs = ", ".join(f"--{k} {_flag(saved[k])} there, {_flag(getattr(args, k))} now" for k in refused)
-        fail(f"--resume: {folder} was trained with other flags ({diffs}); resume with its flags, or pass "
-             f"--allow_change {' '.join(refused)} to continue with the new ones from step {state['step']} "
-             f"(args.json records the change)")
+        fail(
+            f"--resume: {folder} was trained with other flags ({diffs}); resume with its flags, or pass "
+            f"--allow_change {' '.join(refused)} to continue with the new ones from step {state['step']} "
+            f"(args.json records the change)"
+        )
     return changed
 
 
@@ -386,8 +441,10 @@ def check_same_data(state, groups, args, folder):
     if "data_sha256" in state and "data" not in args.allow_change and data_fingerprint(groups) != state["data_sha256"]:
         then = state["loader"]["num_groups"]
         how = f"{len(groups)} groups now, {then} then" if then != len(groups) else "other tokens or scores"
-        fail(f"--resume: {' '.join(args.data)} is not the data {folder} was trained on (edited since?): {how}; "
-             f"restore it, or pass --allow_change data to continue on the new data")
+        fail(
+            f"--resume: {' '.join(args.data)} is not the data {folder} was trained on (edited since?): {how}; "
+            f"restore it, or pass --allow_change data to continue on the new data"
+        )
 
 
 class Preemption:

@@ -59,8 +59,7 @@ def check_at_least(args, minimum, *flags):
 def check_lengths(max_length, max_prompt_length):
     """A prompt longer than the whole sequence leaves no room for any response."""
     if max_prompt_length > max_length:
-        fail(f"--max_prompt_length {max_prompt_length} is longer than --max_length {max_length}: "
-             f"no response would fit")
+        fail(f"--max_prompt_length {max_prompt_length} is longer than --max_length {max_length}: no response would fit")
 
 
 def check_model_folder(path):
@@ -77,11 +76,15 @@ def check_model_fits(config, tok, path, max_length=None, log=print):
     length), but the model never saw those positions in pretraining."""
     largest = max(tok.tokenizer.get_vocab(with_added_tokens=True).values(), default=0)
     if largest >= config.vocab_size:
-        fail(f"{path}: tokenizer.json has token id {largest}, but config.json's vocab_size is {config.vocab_size} "
-             f"(the embedding has no row for it): the tokenizer belongs to another model")
+        fail(
+            f"{path}: tokenizer.json has token id {largest}, but config.json's vocab_size is {config.vocab_size} "
+            f"(the embedding has no row for it): the tokenizer belongs to another model"
+        )
     if max_length is not None and max_length > config.max_position_embeddings:
-        log(f"warning: --max_length {max_length} exceeds {path}/config.json's max_position_embeddings "
-            f"{config.max_position_embeddings}; positions past it were never trained")
+        log(
+            f"warning: --max_length {max_length} exceeds {path}/config.json's max_position_embeddings "
+            f"{config.max_position_embeddings}; positions past it were never trained"
+        )
 
 
 def interruptible(main):

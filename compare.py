@@ -65,70 +65,183 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DEMO = os.path.join(HERE, "demo")
 
 # rows of the paper's Table 2 (KTO is not implemented here), and the paper's numbers beside ours
-METHODS = ["dpo", "orpo", "simpo", "point_ce", "point_mse", "pair_single", "pair_mns", "pair_mnm", "pair_mcs",
-           "pair_mcm", "list_mle"]
-NAMES = {"sft": "SFT", "dpo": "DPO", "orpo": "ORPO", "simpo": "SimPO", "point_ce": "Point-CE", "point_mse": "Point-MSE",
-         "pair_single": "Pair-Single", "pair_mns": "Pair-MNS", "pair_mnm": "Pair-MNM", "pair_mcs": "Pair-MCS",
-         "pair_mcm": "Pair-MCM", "list_mle": "List-MLE"}
-PAPER = {"sft": (4.62, 3.3), "dpo": (5.93, 15.9), "orpo": (5.49, 10.7), "simpo": (5.97, 23.4), "point_ce": (4.38, 12.8),
-         "point_mse": (4.43, 13.1), "pair_single": (5.96, 19.1), "pair_mns": (5.84, 5.1), "pair_mnm": (6.16, 21.6),
-         "pair_mcs": (5.72, 14.6), "pair_mcm": (5.77, 7.8), "list_mle": (5.87, 5.4)}  # (MT-Bench, Arena-Hard)
-COLUMNS = [("gen_success", "greedy task success"), ("pair_acc", "pairwise acc"), ("top1_acc", "top-1 acc"),
-           ("p_chosen", "p chosen"), ("p_rejected", "p rejected")]
+METHODS = [
+    "dpo",
+    "orpo",
+    "simpo",
+    "point_ce",
+    "point_mse",
+    "pair_single",
+    "pair_mns",
+    "pair_mnm",
+    "pair_mcs",
+    "pair_mcm",
+    "list_mle",
+]
+NAMES = {
+    "sft": "SFT",
+    "dpo": "DPO",
+    "orpo": "ORPO",
+    "simpo": "SimPO",
+    "point_ce": "Point-CE",
+    "point_mse": "Point-MSE",
+    "pair_single": "Pair-Single",
+    "pair_mns": "Pair-MNS",
+    "pair_mnm": "Pair-MNM",
+    "pair_mcs": "Pair-MCS",
+    "pair_mcm": "Pair-MCM",
+    "list_mle": "List-MLE",
+}
+PAPER = {
+    "sft": (4.62, 3.3),
+    "dpo": (5.93, 15.9),
+    "orpo": (5.49, 10.7),
+    "simpo": (5.97, 23.4),
+    "point_ce": (4.38, 12.8),
+    "point_mse": (4.43, 13.1),
+    "pair_single": (5.96, 19.1),
+    "pair_mns": (5.84, 5.1),
+    "pair_mnm": (6.16, 21.6),
+    "pair_mcs": (5.72, 14.6),
+    "pair_mcm": (5.77, 7.8),
+    "list_mle": (5.87, 5.4),
+}  # (MT-Bench, Arena-Hard)
+COLUMNS = [
+    ("gen_success", "greedy task success"),
+    ("pair_acc", "pairwise acc"),
+    ("top1_acc", "top-1 acc"),
+    ("p_chosen", "p chosen"),
+    ("p_rejected", "p rejected"),
+]
 REFERENCE = "pair_mnm"  # the paper's best loss: every other method is compared with it seed by seed
 # two-sided 95% quantiles of Student's t for 1..9 degrees of freedom (the paired test over seeds)
 T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262]
 
 # the demo's recipe (train.py's demo, with one epoch), and a smaller one for CI
 SIZES = {
-    "demo": dict(model=None, sft_rows=None, train_rows=None, eval_rows=None, eval_generate=200, test_generate=300,
-                 sft_epochs=2, batch_size=32, lrs=[1e-4, 3e-4, 1e-3, 3e-3], seeds=[0, 1, 2], widen=2, log_every=5),
-    "quick": dict(model=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                             num_key_value_heads=1, head_dim=16),
-                  sft_rows=256, train_rows=64, eval_rows=32, eval_generate=4, test_generate=4, sft_epochs=1,
-                  batch_size=16, lrs=[1e-3, 3e-3], seeds=[0], widen=0, log_every=1),
+    "demo": dict(
+        model=None,
+        sft_rows=None,
+        train_rows=None,
+        eval_rows=None,
+        eval_generate=200,
+        test_generate=300,
+        sft_epochs=2,
+        batch_size=32,
+        lrs=[1e-4, 3e-4, 1e-3, 3e-3],
+        seeds=[0, 1, 2],
+        widen=2,
+        log_every=5,
+    ),
+    "quick": dict(
+        model=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+        ),
+        sft_rows=256,
+        train_rows=64,
+        eval_rows=32,
+        eval_generate=4,
+        test_generate=4,
+        sft_epochs=1,
+        batch_size=16,
+        lrs=[1e-3, 3e-3],
+        seeds=[0],
+        widen=0,
+        log_every=1,
+    ),
 }
 
 
 def parse_args(argv=None):
     # no abbreviations: the flags compare.py does not know go to train.py, and train.py's --lr must
     # not be read as an abbreviation of --lrs
-    p = ArgumentParser(prog="compare.py", allow_abbrev=False,
-                       description="Train every MPPO variant and baseline over a learning-rate grid, choose each "
-                       "method's rate on validation, report it with several seeds on test; tabulate and plot.",
-                       epilog="Any other flag is passed to train.py for every run (see python train.py --help).")
+    p = ArgumentParser(
+        prog="compare.py",
+        allow_abbrev=False,
+        description="Train every MPPO variant and baseline over a learning-rate grid, choose each "
+        "method's rate on validation, report it with several seeds on test; tabulate and plot.",
+        epilog="Any other flag is passed to train.py for every run (see python train.py --help).",
+    )
     a = p.add_argument
-    a("--methods", nargs="+", default=METHODS, choices=METHODS,
-      help="methods to train (default: all, in the paper's order)")
-    a("--lrs", nargs="+", type=float, default=None,
-      help="learning-rate grid, the same for every method (default: 1e-4 3e-4 1e-3 3e-3 for the demo, "
-           "1e-3 3e-3 with --quick; pass-through: train.py's --lr default, no grid)")
-    a("--seeds", nargs="+", type=int, default=None,
-      help="training seeds at each method's chosen rate (data order and Pair-Single's draws); "
-           "the first one also trains the grid (default: 0 1 2; 0 with --quick)")
-    a("--select_on", default="gen_success", choices=["gen_success", "pair_acc", "top1_acc"],
-      help="validation metric that chooses the rate "
-           "(gen_success needs --eval_generate; pair_acc breaks its ties, then the lower rate)")
-    a("--widen", type=int, default=None,
-      help="times a method's grid may be extended by one rate past the edge its best rate is at "
-           "(default: 2; 0 with --quick)")
-    a("--test_data", nargs="+", default=None,
-      help="pass-through: the groups the table reports (default: the demo's eval.jsonl; "
-           "pass-through without it: --eval_data, the split the rate was chosen on)")
-    a("--test_generate", type=int, default=None,
-      help="greedy-decode this many test prompts for the task success "
-           "(default: 300 for the demo, 4 with --quick, else --eval_generate)")
+    a(
+        "--methods",
+        nargs="+",
+        default=METHODS,
+        choices=METHODS,
+        help="methods to train (default: all, in the paper's order)",
+    )
+    a(
+        "--lrs",
+        nargs="+",
+        type=float,
+        default=None,
+        help="learning-rate grid, the same for every method (default: 1e-4 3e-4 1e-3 3e-3 for the demo, "
+        "1e-3 3e-3 with --quick; pass-through: train.py's --lr default, no grid)",
+    )
+    a(
+        "--seeds",
+        nargs="+",
+        type=int,
+        default=None,
+        help="training seeds at each method's chosen rate (data order and Pair-Single's draws); "
+        "the first one also trains the grid (default: 0 1 2; 0 with --quick)",
+    )
+    a(
+        "--select_on",
+        default="gen_success",
+        choices=["gen_success", "pair_acc", "top1_acc"],
+        help="validation metric that chooses the rate "
+        "(gen_success needs --eval_generate; pair_acc breaks its ties, then the lower rate)",
+    )
+    a(
+        "--widen",
+        type=int,
+        default=None,
+        help="times a method's grid may be extended by one rate past the edge its best rate is at "
+        "(default: 2; 0 with --quick)",
+    )
+    a(
+        "--test_data",
+        nargs="+",
+        default=None,
+        help="pass-through: the groups the table reports (default: the demo's eval.jsonl; "
+        "pass-through without it: --eval_data, the split the rate was chosen on)",
+    )
+    a(
+        "--test_generate",
+        type=int,
+        default=None,
+        help="greedy-decode this many test prompts for the task success "
+        "(default: 300 for the demo, 4 with --quick, else --eval_generate)",
+    )
     a("--quick", action="store_true", help="CI size: a smaller model, a few steps, one seed, every method at two rates")
     a("--out", default=None, help="output folder (default: out/compare, or out/compare-quick with --quick)")
     a("--report", default=None, help="folder for results.md, runs.csv, curves.csv, p_curves.png (default: --out)")
-    a("--launcher", default=None,
-      help="run each job as `LAUNCHER train.py ...` (e.g. 'torchrun --nproc_per_node 8'); default: in this process")
-    a("--jobs", type=int, default=None,
-      help="CPU only: run this many jobs at once, as `python train.py` subprocesses sharing the cores "
-           "(default: 2 for the demo on a machine with 2 or more cores, else 1)")
-    a("--method_flags", action="append", default=[], metavar="METHOD=FLAGS",
-      help="extra train.py flags for one method, e.g. 'dpo=--beta 0.05'; "
-           "an --lr there replaces the grid for that method")
+    a(
+        "--launcher",
+        default=None,
+        help="run each job as `LAUNCHER train.py ...` (e.g. 'torchrun --nproc_per_node 8'); default: in this process",
+    )
+    a(
+        "--jobs",
+        type=int,
+        default=None,
+        help="CPU only: run this many jobs at once, as `python train.py` subprocesses sharing the cores "
+        "(default: 2 for the demo on a machine with 2 or more cores, else 1)",
+    )
+    a(
+        "--method_flags",
+        action="append",
+        default=[],
+        metavar="METHOD=FLAGS",
+        help="extra train.py flags for one method, e.g. 'dpo=--beta 0.05'; "
+        "an --lr there replaces the grid for that method",
+    )
     args, rest = p.parse_known_args(argv)
     rest = [r for r in rest if r != "--"]  # an optional separator before the train.py flags
     for flag, instead in (("--loss", "--methods"), ("--seed", "--seeds"), ("--out", "--out"), ("--lr", "--lrs")):
@@ -167,9 +280,15 @@ def demo_setup(out, size):
     s = SIZES[size]
     data = os.path.join(out, "data")
     os.makedirs(data, exist_ok=True)
-    files = {name: head(os.path.join(DEMO, name), os.path.join(data, name), n)
-             for name, n in (("sft.jsonl", s["sft_rows"]), ("train.jsonl", s["train_rows"]),
-                             ("valid.jsonl", s["eval_rows"]), ("eval.jsonl", s["eval_rows"]))}
+    files = {
+        name: head(os.path.join(DEMO, name), os.path.join(data, name), n)
+        for name, n in (
+            ("sft.jsonl", s["sft_rows"]),
+            ("train.jsonl", s["train_rows"]),
+            ("valid.jsonl", s["eval_rows"]),
+            ("eval.jsonl", s["eval_rows"]),
+        )
+    }
     lengths = ["--max_length", "64", "--max_prompt_length", "32"]
     sft = os.path.join(out, "sft", "final")
     if not os.path.isfile(os.path.join(sft, "config.json")):
@@ -181,13 +300,54 @@ def demo_setup(out, size):
         Llama(LlamaConfig.from_dict(config)).save_pretrained(init, source_dir=DEMO)
         shutil.rmtree(os.path.join(out, "sft"), ignore_errors=True)
         print("== SFT of the starting model on the demo's demonstrations", flush=True)
-        train.train(train.parse_args(["--model", init, "--data", files["sft.jsonl"], "--loss", "sft",
-                                      "--out", os.path.join(out, "sft"), "--epochs", str(s["sft_epochs"]),
-                                      "--batch_size", "32", "--micro_batch_size", "32", "--lr", "3e-3",
-                                      "--warmup_ratio", "0.05", "--log_every", "50", *lengths]))
-    flags = ["--model", sft, "--data", files["train.jsonl"], "--eval_data", files["valid.jsonl"],
-             "--eval_generate", str(s["eval_generate"]), "--epochs", "1", "--batch_size", str(s["batch_size"]),
-             "--micro_batch_size", "32", "--warmup_ratio", "0.1", "--log_every", str(s["log_every"]), *lengths]
+        train.train(
+            train.parse_args(
+                [
+                    "--model",
+                    init,
+                    "--data",
+                    files["sft.jsonl"],
+                    "--loss",
+                    "sft",
+                    "--out",
+                    os.path.join(out, "sft"),
+                    "--epochs",
+                    str(s["sft_epochs"]),
+                    "--batch_size",
+                    "32",
+                    "--micro_batch_size",
+                    "32",
+                    "--lr",
+                    "3e-3",
+                    "--warmup_ratio",
+                    "0.05",
+                    "--log_every",
+                    "50",
+                    *lengths,
+                ]
+            )
+        )
+    flags = [
+        "--model",
+        sft,
+        "--data",
+        files["train.jsonl"],
+        "--eval_data",
+        files["valid.jsonl"],
+        "--eval_generate",
+        str(s["eval_generate"]),
+        "--epochs",
+        "1",
+        "--batch_size",
+        str(s["batch_size"]),
+        "--micro_batch_size",
+        "32",
+        "--warmup_ratio",
+        "0.1",
+        "--log_every",
+        str(s["log_every"]),
+        *lengths,
+    ]
     return flags, [files["eval.jsonl"]]
 
 
@@ -267,8 +427,9 @@ def valid_metrics(run):
 def choose(by_lr, key):
     """The learning rate whose validation metrics are best: highest key, then highest pairwise
     accuracy, then the lower rate (None sorts as the only rate)."""
-    return max(by_lr, key=lambda lr: (by_lr[lr].get(key, -math.inf), by_lr[lr].get("pair_acc", -math.inf),
-                                      -(lr or 0.0)))
+    return max(
+        by_lr, key=lambda lr: (by_lr[lr].get(key, -math.inf), by_lr[lr].get("pair_acc", -math.inf), -(lr or 0.0))
+    )
 
 
 def widened(grid, best):
@@ -319,11 +480,19 @@ def table(results, start, seeds, chosen, test_name):
     deltas = []
     if REFERENCE in results and len(seeds) > 1:
         deltas = [k for k in ("gen_success", "pair_acc") if any(k == c for c, _ in cols)]
-    head = (["method", "lr"] + [name for _, name in cols] + [f"Δ {dict(cols)[k]} vs Pair-MNM" for k in deltas]
-            + ["paper: MT-Bench", "paper: Arena-Hard"])
+    head = (
+        ["method", "lr"]
+        + [name for _, name in cols]
+        + [f"Δ {dict(cols)[k]} vs Pair-MNM" for k in deltas]
+        + ["paper: MT-Bench", "paper: Arena-Hard"]
+    )
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
-    lines.append("| SFT (start) | - | " + " | ".join(cell([start[k]] if k in start else []) for k, _ in cols)
-                 + " | -" * len(deltas) + " | %.2f | %.1f |" % PAPER["sft"])
+    lines.append(
+        "| SFT (start) | - | "
+        + " | ".join(cell([start[k]] if k in start else []) for k, _ in cols)
+        + " | -" * len(deltas)
+        + " | %.2f | %.1f |" % PAPER["sft"]
+    )
     for method, runs in results.items():
         name = f"**{NAMES[method]}**" if method == REFERENCE else NAMES[method]
         row = [name, lr_tag(chosen[method])] + [cell([r[k] for r in runs if k in r]) for k, _ in cols]
@@ -334,13 +503,17 @@ def table(results, start, seeds, chosen, test_name):
             mean, std, wins, n, sep = paired([r[k] for r in runs], [r[k] for r in results[REFERENCE]])
             row.append(f"{mean:+.3f} ± {std:.3f} ({wins}/{n}){' †' if sep else ''}")
         lines.append("| " + " | ".join(row) + " | %.2f | %.1f |" % PAPER[method])
-    note = (f"\nOn {test_name}, at each method's chosen rate (lr); mean ± sample standard deviation over "
-            f"{len(seeds)} seed(s) ({', '.join(map(str, seeds))}); the SFT row has no seed. p chosen / p rejected: "
-            f"mean p = exp(mean token log-prob) of the best-scored / strictly lower-scored responses.")
+    note = (
+        f"\nOn {test_name}, at each method's chosen rate (lr); mean ± sample standard deviation over "
+        f"{len(seeds)} seed(s) ({', '.join(map(str, seeds))}); the SFT row has no seed. p chosen / p rejected: "
+        f"mean p = exp(mean token log-prob) of the best-scored / strictly lower-scored responses."
+    )
     if deltas:
-        note += (" Δ vs Pair-MNM: the seed-by-seed difference from Pair-MNM (same seed, same data order), "
-                 "mean ± std over seeds, (seeds where the method is higher / seeds); † where a paired t-test over "
-                 "the seeds rejects no difference at 5%.")
+        note += (
+            " Δ vs Pair-MNM: the seed-by-seed difference from Pair-MNM (same seed, same data order), "
+            "mean ± std over seeds, (seeds where the method is higher / seeds); † where a paired t-test over "
+            "the seeds rejects no difference at 5%."
+        )
     return "\n".join(lines) + "\n" + note + "\n"
 
 
@@ -365,8 +538,16 @@ def write_curves(path, curves):
         w.writerow(["method", "seed", "step", "p_chosen", "p_rejected", "loss"])
         for (method, seed), rows in curves.items():
             for r in rows:
-                w.writerow([method, seed, r["step"], f"{r.get('p_chosen', float('nan')):.6g}",
-                            f"{r.get('p_rejected', float('nan')):.6g}", f"{r['loss']:.6g}"])
+                w.writerow(
+                    [
+                        method,
+                        seed,
+                        r["step"],
+                        f"{r.get('p_chosen', float('nan')):.6g}",
+                        f"{r.get('p_rejected', float('nan')):.6g}",
+                        f"{r['loss']:.6g}",
+                    ]
+                )
 
 
 def plot_curves(path, curves, methods):
@@ -391,11 +572,12 @@ def plot_curves(path, curves, methods):
                 continue
             by_step = list(zip(*series))
             ax.plot(steps, [sum(v) / len(v) for v in by_step], style, color=color, label=key.replace("p_", "p "))
-            ax.fill_between(steps, [min(v) for v in by_step], [max(v) for v in by_step], color=color, alpha=0.2,
-                            linewidth=0)
+            ax.fill_between(
+                steps, [min(v) for v in by_step], [max(v) for v in by_step], color=color, alpha=0.2, linewidth=0
+            )
         ax.set_title(NAMES[method], fontsize=10)
         ax.grid(alpha=0.3)
-    for ax in axes.flat[len(methods):]:
+    for ax in axes.flat[len(methods) :]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=8)
     fig.supxlabel("training step")
@@ -462,8 +644,12 @@ def compare(args, rest, mode, threads, argv):
             m, lr, s = job
             run, t = run_dir(m, lr, s), time.time()
             if job in todo:
-                argv = (flags + ([] if lr is None else ["--lr", repr(lr)]) + args.extra.get(m, [])
-                        + ["--loss", m, "--seed", str(s), "--out", run])
+                argv = (
+                    flags
+                    + ([] if lr is None else ["--lr", repr(lr)])
+                    + args.extra.get(m, [])
+                    + ["--loss", m, "--seed", str(s), "--out", run]
+                )
                 if args.jobs > 1:  # subprocesses, each with its share of the cores
                     run_train(argv, args.launcher or sys.executable, log=run + ".log", threads=threads)
                 else:
@@ -521,37 +707,51 @@ def compare(args, rest, mode, threads, argv):
                     run = run_dir(m, lr, s)
                     v = valid_metrics(run)
                     t = results[m][args.seeds.index(s)] if lr == chosen[m] else {}
-                    w.writerow([m, lr_tag(lr), s, int(lr == chosen[m]), *[v.get(k, "") for k in keys],
-                                *[t.get(k, "") for k in keys]])
+                    w.writerow(
+                        [
+                            m,
+                            lr_tag(lr),
+                            s,
+                            int(lr == chosen[m]),
+                            *[v.get(k, "") for k in keys],
+                            *[t.get(k, "") for k in keys],
+                        ]
+                    )
     write_curves(os.path.join(args.report, "curves.csv"), curves)
     plotted = plot_curves(os.path.join(args.report, "p_curves.png"), curves, args.methods)
     minutes = (time.time() - t0) / 60
     command = "python compare.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    test_name = ("the test split (" + " ".join(test) + ")" if test != targs.eval_data
-                 else "the validation split (no --test_data given)")
+    test_name = (
+        "the test split (" + " ".join(test) + ")"
+        if test != targs.eval_data
+        else "the validation split (no --test_data given)"
+    )
     n_runs = len({run_dir(m, lr, seed0) for m in args.methods for lr in grids[m]} | {run_dir(*j) for j in report_jobs})
-    report = [f"# MPPO and baselines, {mode} size\n",
-              table(results, start, args.seeds, chosen, test_name),
-              "Baselines at their papers' settings: DPO beta 0.1; SimPO beta 2.0, gamma 1.0 (gamma/beta 0.5, SimPO's "
-              "Llama-3-Base recipe); ORPO lambda 0.1 (train.py's defaults"
-              + "".join(f"; {m} `{' '.join(map(shlex.quote, x))}`" for m, x in args.extra.items()) + "). "
-              "MPPO's losses have no such parameter.\n",
-              f"## Learning rate chosen on validation\n\nValidation {dict(COLUMNS)[key]} "
-              f"({' '.join(targs.eval_data)}) of every run with seed {seed0}; the chosen rate in bold (highest {key}, "
-              f"ties broken by pairwise accuracy, then by the lower rate). The grid is the same for every method; "
-              f"a method whose best rate was at an edge got the next rate past it, "
-              f"up to {args.widen} time(s) (- = not run).\n",
-              lr_table(grid_metrics, chosen, key, at_edge),
-              f"`{command}`: {minutes:.1f} min on {os.cpu_count()} CPU core(s), "
-              f"{platform.processor() or platform.machine()}, torch {torch.__version__}"
-              f"{', CUDA' if torch.cuda.is_available() else ''}; {len(trained)} of {n_runs} runs trained "
-              f"by this command (the others were read back from {args.out}).\n",
-              "train.py flags of every run: `" + " ".join(shlex.quote(f) for f in flags)
-              + "`, with `--lr` from the grid.\n",
-              "p_curves.png: chosen and rejected p over training steps at the chosen rates (mean over seeds, range "
-              "shaded); raw numbers in curves.csv.\n"
-              if plotted else "No plot: matplotlib is not installed (pip install -r requirements-plot.txt); "
-              "the curves are in curves.csv.\n"]
+    report = [
+        f"# MPPO and baselines, {mode} size\n",
+        table(results, start, args.seeds, chosen, test_name),
+        "Baselines at their papers' settings: DPO beta 0.1; SimPO beta 2.0, gamma 1.0 (gamma/beta 0.5, SimPO's "
+        "Llama-3-Base recipe); ORPO lambda 0.1 (train.py's defaults"
+        + "".join(f"; {m} `{' '.join(map(shlex.quote, x))}`" for m, x in args.extra.items())
+        + "). "
+        "MPPO's losses have no such parameter.\n",
+        f"## Learning rate chosen on validation\n\nValidation {dict(COLUMNS)[key]} "
+        f"({' '.join(targs.eval_data)}) of every run with seed {seed0}; the chosen rate in bold (highest {key}, "
+        f"ties broken by pairwise accuracy, then by the lower rate). The grid is the same for every method; "
+        f"a method whose best rate was at an edge got the next rate past it, "
+        f"up to {args.widen} time(s) (- = not run).\n",
+        lr_table(grid_metrics, chosen, key, at_edge),
+        f"`{command}`: {minutes:.1f} min on {os.cpu_count()} CPU core(s), "
+        f"{platform.processor() or platform.machine()}, torch {torch.__version__}"
+        f"{', CUDA' if torch.cuda.is_available() else ''}; {len(trained)} of {n_runs} runs trained "
+        f"by this command (the others were read back from {args.out}).\n",
+        "train.py flags of every run: `" + " ".join(shlex.quote(f) for f in flags) + "`, with `--lr` from the grid.\n",
+        "p_curves.png: chosen and rejected p over training steps at the chosen rates (mean over seeds, range "
+        "shaded); raw numbers in curves.csv.\n"
+        if plotted
+        else "No plot: matplotlib is not installed (pip install -r requirements-plot.txt); "
+        "the curves are in curves.csv.\n",
+    ]
     with open(os.path.join(args.report, "results.md"), "w") as f:
         f.write("\n".join(report))
     print("\n" + "\n".join(report))

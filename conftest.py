@@ -24,7 +24,9 @@ os.environ["MPPO_CACHE"] = tempfile.mkdtemp(prefix="mppo-test-cache-")
 atexit.register(shutil.rmtree, os.environ["MPPO_CACHE"], ignore_errors=True)
 
 DEMO = os.path.join(HERE, "demo")
-TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+TINY = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16
+)
 
 
 def save_demo_llama(path, **sizes):
@@ -45,7 +47,6 @@ def copy_demo_rows(name, n, path):
     return path
 
 
-
 # ------------------------------------------------------------------------------------------------
 # tiny checkpoints written by transformers itself
 
@@ -63,8 +64,14 @@ def spread_weights(model, seed=0):
     return model
 
 
-LLAMA3 = dict(rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-              original_max_position_embeddings=64)  # with head_dim 16 this puts frequencies in all three llama3 bands
+LLAMA3 = dict(
+    rope_type="llama3",
+    rope_theta=10000.0,
+    factor=8.0,
+    low_freq_factor=1.0,
+    high_freq_factor=4.0,
+    original_max_position_embeddings=64,
+)  # with head_dim 16 this puts frequencies in all three llama3 bands
 EXTRA_FILES = {"tokenizer.json": '{"model": "dummy"}\n', "chat_template.jinja": "{{ messages }}\n"}
 
 
@@ -74,9 +81,20 @@ def make_checkpoint(path, seed=0, shard=False, old_style=False, rope=LLAMA3, tie
     import transformers
 
     config = transformers.LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=nkv, head_dim=head_dim, max_position_embeddings=256, rms_norm_eps=1e-5,
-        rope_parameters=dict(rope), tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2)
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=nkv,
+        head_dim=head_dim,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        rope_parameters=dict(rope),
+        tie_word_embeddings=tie,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     hf = spread_weights(transformers.LlamaForCausalLM(config).eval(), seed)
     hf.save_pretrained(path, max_shard_size="20KB" if shard else "10MB")
     for name, text in EXTRA_FILES.items():
@@ -129,8 +147,13 @@ def assert_same_training(actual, expected, lr, steps):
     within reorder_atol; a failure names the tensor and keeps torch's report of the mismatch."""
     assert actual.keys() == expected.keys()
     for name in expected:
-        torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=reorder_atol(lr, steps),
-                                   msg=lambda report, name=name: f"{name}: {report}")
+        torch.testing.assert_close(
+            actual[name],
+            expected[name],
+            rtol=0,
+            atol=reorder_atol(lr, steps),
+            msg=lambda report, name=name: f"{name}: {report}",
+        )
 
 
 def weights(folder):
@@ -157,9 +180,20 @@ def run(*argv):
 
 def run_cli(*argv, nproc=None, cwd=HERE, env=None, script="train.py"):
     """A script as a user runs it: `python train.py ...`, or torchrun with nproc processes."""
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc else [sys.executable]
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        if nproc
+        else [sys.executable]
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run(launcher + [os.path.join(HERE, script)] + [str(a) for a in argv], capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+    return subprocess.run(
+        launcher + [os.path.join(HERE, script)] + [str(a) for a in argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=600,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -167,11 +201,38 @@ def setup(tmp_path_factory):
     """A tiny Llama with the demo's tokenizer, briefly fine-tuned on the demo's SFT rows (so its
     rewards p are far from 0, where p-based losses have gradients), and 128 preference groups."""
     root = tmp_path_factory.mktemp("train")
-    save_demo_llama(root / "init", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    save_demo_llama(
+        root / "init",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     for name, n in (("sft.jsonl", 640), ("train.jsonl", 128)):
         copy_demo_rows(name, n, root / name)
-    sft = run("--model", root / "init", "--data", root / "sft.jsonl", "--loss", "sft", "--out", root / "sft", "--batch_size", 32,
-              "--micro_batch_size", 32, "--lr", 3e-3, "--max_length", 64, "--max_prompt_length", 32, "--log_every", 100)
+    sft = run(
+        "--model",
+        root / "init",
+        "--data",
+        root / "sft.jsonl",
+        "--loss",
+        "sft",
+        "--out",
+        root / "sft",
+        "--batch_size",
+        32,
+        "--micro_batch_size",
+        32,
+        "--lr",
+        3e-3,
+        "--max_length",
+        64,
+        "--max_prompt_length",
+        32,
+        "--log_every",
+        100,
+    )
     return {"root": root, "model": sft, "data": root / "train.jsonl"}
 
 
@@ -180,7 +241,18 @@ LR = 1e-3  # common()'s --lr
 
 def common(setup, out, **overrides):
     """train.py flags of a short run on setup's model and data; overrides replace or add flags."""
-    args = {"--model": setup["model"], "--data": setup["data"], "--out": out, "--batch_size": 16, "--micro_batch_size": 4,
-            "--lr": LR, "--max_length": 64, "--max_prompt_length": 32, "--log_every": 1, "--warmup_ratio": 0.0, "--seed": 0}
+    args = {
+        "--model": setup["model"],
+        "--data": setup["data"],
+        "--out": out,
+        "--batch_size": 16,
+        "--micro_batch_size": 4,
+        "--lr": LR,
+        "--max_length": 64,
+        "--max_prompt_length": 32,
+        "--log_every": 1,
+        "--warmup_ratio": 0.0,
+        "--seed": 0,
+    }
     args.update(overrides)
     return [x for kv in args.items() for x in kv]

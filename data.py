@@ -79,8 +79,12 @@ class TokenizedSet:
         return self.tokens.nbytes + self.seq_offsets.nbytes + self.group_offsets.nbytes + self.scores.nbytes
 
     def arrays(self):
-        return {"tokens": self.tokens, "seq_offsets": self.seq_offsets, "group_offsets": self.group_offsets,
-                "scores": self.scores}
+        return {
+            "tokens": self.tokens,
+            "seq_offsets": self.seq_offsets,
+            "group_offsets": self.group_offsets,
+            "scores": self.scores,
+        }
 
     @classmethod
     def from_parts(cls, parts, score_span=None):
@@ -118,7 +122,7 @@ class GroupView:
 
     def _seq(self, s):
         offsets = self.data.seq_offsets
-        return self.data.tokens[offsets[s]:offsets[s + 1]].tolist()
+        return self.data.tokens[offsets[s] : offsets[s + 1]].tolist()
 
     @property
     def prompt_ids(self):
@@ -126,13 +130,13 @@ class GroupView:
 
     @property
     def response_ids(self):
-        first, end = self.data.group_offsets[self.index:self.index + 2]
+        first, end = self.data.group_offsets[self.index : self.index + 2]
         return [self._seq(s) for s in range(first + 1, end)]
 
     @property
     def scores(self):
-        first, end = self.data.group_offsets[self.index:self.index + 2]
-        return self.data.scores[first + 1:end].tolist()
+        first, end = self.data.group_offsets[self.index : self.index + 2]
+        return self.data.scores[first + 1 : end].tolist()
 
     @property
     def line(self):
@@ -141,12 +145,14 @@ class GroupView:
     @property
     def num_tokens(self):
         """Prompt + every response: group_tokens without making the lists."""
-        first, end = self.data.group_offsets[self.index:self.index + 2]
+        first, end = self.data.group_offsets[self.index : self.index + 2]
         return int(self.data.seq_offsets[end] - self.data.seq_offsets[first])
 
     def __repr__(self):
-        return f"GroupView(line={self.line!r}, prompt_ids={self.prompt_ids}, response_ids={self.response_ids}, " \
-               f"scores={self.scores})"
+        return (
+            f"GroupView(line={self.line!r}, prompt_ids={self.prompt_ids}, response_ids={self.response_ids}, "
+            f"scores={self.scores})"
+        )
 
 
 def _truncate(prompt, responses, max_length, max_prompt_length, bos_id):
@@ -157,7 +163,7 @@ def _truncate(prompt, responses, max_length, max_prompt_length, bos_id):
     prompt_cut = max_prompt_length is not None and len(prompt) > max_prompt_length
     if prompt_cut:
         head = prompt[:1] if bos_id is not None and prompt[:1] == [bos_id] else []
-        prompt = head + prompt[len(prompt) - (max_prompt_length - len(head)):]
+        prompt = head + prompt[len(prompt) - (max_prompt_length - len(head)) :]
     if max_length is None:
         return prompt, responses, prompt_cut, 0
     room = max_length - len(prompt)
@@ -177,7 +183,7 @@ def _char_bound(tok, tokens):
 
 def _cut_prompt(text, bound, bos):
     head = bos if bos and text.startswith(bos) else ""
-    return head + text[len(text) - bound:]  # the end, behind its BOS, as _truncate keeps
+    return head + text[len(text) - bound :]  # the end, behind its BOS, as _truncate keeps
 
 
 CHUNK = 512  # groups rendered and encoded at a time: their texts are freed before the next chunk is read
@@ -234,14 +240,15 @@ def _cut_chunk(groups, tokens, lengths, max_length, max_prompt_length, bos_id, s
             report.skip(reason, g.line)
             changed = True
             continue
-        rlens = lengths[first + 1:first + 1 + k]
+        rlens = lengths[first + 1 : first + 1 + k]
         keep = rlens if room is None else np.minimum(rlens, room)
         n_cut = int((keep < rlens).sum())
         report.truncated_prompts += prompt_len != plen
         report.truncated_responses += n_cut
         changed = changed or n_cut > 0 or prompt_len != plen
-        pieces += prompt_pieces + [(int(starts[first + 1 + j]), int(starts[first + 1 + j]) + int(keep[j]))
-                                   for j in range(k)]
+        pieces += prompt_pieces + [
+            (int(starts[first + 1 + j]), int(starts[first + 1 + j]) + int(keep[j])) for j in range(k)
+        ]
         seq_lens += [prompt_len, *map(int, keep)]
         per_group.append(1 + k)
         scores += [math.nan, *g.scores]
@@ -253,8 +260,18 @@ def _cut_chunk(groups, tokens, lengths, max_length, max_prompt_length, bos_id, s
     return tokens, lengths, np.array(per_group, dtype=np.int64), np.array(scores, dtype=np.float64), lines
 
 
-def tokenize_set(groups, tok, max_length, max_prompt_length, min_responses=2, include_header=False,
-                 require_preference=True, progress=None, free=False, bound_lengths=None):
+def tokenize_set(
+    groups,
+    tok,
+    max_length,
+    max_prompt_length,
+    min_responses=2,
+    include_header=False,
+    require_preference=True,
+    progress=None,
+    free=False,
+    bound_lengths=None,
+):
     """Tokenize groups into a TokenizedSet, cut to max_length tokens per prompt + response and prompts
     to max_prompt_length (None: no limit of their own, so a prompt that fills max_length skips its
     group); see tokenize_groups. Returns (TokenizedSet, Report). Groups are encoded CHUNK at a time;
@@ -262,33 +279,55 @@ def tokenize_set(groups, tok, max_length, max_prompt_length, min_responses=2, in
     texts do not outlive their tokens. progress(done, total) is called with groups after each chunk.
     bound_lengths=(max_length, max_prompt_length) sets the character bound alone (default: the limits given),
     for statistics of full lengths that still never tokenize a 50 MB text whole."""
-    parts, report, span = _tokenize_parts(groups, tok, max_length, max_prompt_length, min_responses, include_header,
-                                          require_preference, progress, free, bound_lengths)
+    parts, report, span = _tokenize_parts(
+        groups,
+        tok,
+        max_length,
+        max_prompt_length,
+        min_responses,
+        include_header,
+        require_preference,
+        progress,
+        free,
+        bound_lengths,
+    )
     return TokenizedSet.from_parts(parts, score_span=span), report
 
 
-def _tokenize_parts(groups, tok, max_length, max_prompt_length, min_responses, include_header, require_preference,
-                    progress, free, bound_lengths=None):
+def _tokenize_parts(
+    groups,
+    tok,
+    max_length,
+    max_prompt_length,
+    min_responses,
+    include_header,
+    require_preference,
+    progress,
+    free,
+    bound_lengths=None,
+):
     if max_prompt_length is not None and max_prompt_length < 1:
         raise ValueError(f"max_prompt_length must be positive, got {max_prompt_length}")
     report = Report(source=f"tokenized to max_length {max_length}, max_prompt_length {max_prompt_length}")
     limits = [n for n in (bound_lengths or (max_length, max_prompt_length)) if n is not None]
     response_limit = (bound_lengths or (max_length,))[0]
-    bounds = (_char_bound(tok, min(limits)) if limits else None,
-              None if response_limit is None else _char_bound(tok, response_limit))
+    bounds = (
+        _char_bound(tok, min(limits)) if limits else None,
+        None if response_limit is None else _char_bound(tok, response_limit),
+    )
 
     def skip(g):
         return unusable(g.responses, g.scores, min_responses, require_preference)
 
     parts, lo, hi = [], math.inf, -math.inf
     for start in range(0, len(groups), CHUNK):
-        chunk = groups[start:start + CHUNK]
+        chunk = groups[start : start + CHUNK]
         lo = min([lo, *(min(g.scores) for g in chunk if g.scores)])
         hi = max([hi, *(max(g.scores) for g in chunk if g.scores)])
         tokens, lengths = _encode_chunk(chunk, tok, include_header, bounds, report)
         parts.append(_cut_chunk(chunk, tokens, lengths, max_length, max_prompt_length, tok.bos_id, skip, report))
         if free:
-            groups[start:start + len(chunk)] = [None] * len(chunk)
+            groups[start : start + len(chunk)] = [None] * len(chunk)
         del chunk, tokens, lengths
         if progress is not None:
             progress(min(start + CHUNK, len(groups)), len(groups))
@@ -299,9 +338,16 @@ def _empty_part():
     return np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float64), []
 
 
-def tokenize_groups(groups, tok, max_length, max_prompt_length,
-                    min_responses=2, include_header=False,
-                    require_preference=True, progress=None):
+def tokenize_groups(
+    groups,
+    tok,
+    max_length,
+    max_prompt_length,
+    min_responses=2,
+    include_header=False,
+    require_preference=True,
+    progress=None,
+):
     """Tokenize groups and cut them to max_length tokens per prompt + response, prompts to
     max_prompt_length (None: no limit of their own, so a prompt that fills max_length skips its
     group). With include_header=True the assistant header moves from the prompt to every response.
@@ -312,8 +358,9 @@ def tokenize_groups(groups, tok, max_length, max_prompt_length,
     prompts keep their end, responses their beginning), so tokenizing it costs memory in proportion to
     the budget, not to the text; the tokens kept are the same as without the cut.
     progress(done, total), if given, is called with groups after each chunk is encoded."""
-    data, report = tokenize_set(groups, tok, max_length, max_prompt_length, min_responses, include_header,
-                                require_preference, progress)
+    data, report = tokenize_set(
+        groups, tok, max_length, max_prompt_length, min_responses, include_header, require_preference, progress
+    )
     return [TokenizedGroup(g.prompt_ids, g.response_ids, g.scores, g.line) for g in data], report
 
 
@@ -382,8 +429,12 @@ def read_cache(path, key, verify=True):
     except (OSError, ValueError, KeyError, TypeError) as e:  # a truncated .npy is a ValueError, a bad header too
         raise CacheMiss(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     ends = (data.seq_offsets[-1:], data.group_offsets[-1:])
-    if (len(data.scores) != len(data.seq_offsets) - 1 or len(data.lines) != len(data.group_offsets) - 1
-            or list(ends[0]) != [len(data.tokens)] or list(ends[1]) != [len(data.seq_offsets) - 1]):
+    if (
+        len(data.scores) != len(data.seq_offsets) - 1
+        or len(data.lines) != len(data.group_offsets) - 1
+        or list(ends[0]) != [len(data.tokens)]
+        or list(ends[1]) != [len(data.seq_offsets) - 1]
+    ):
         raise CacheMiss("its arrays do not fit together")
     if data.score_span is not None:
         data.score_span = tuple(data.score_span)
@@ -412,12 +463,19 @@ def write_cache(path, key, parts, summary, score_span):
     os.makedirs(tmp)
     seq_offsets = np.concatenate([[0], np.cumsum(np.concatenate([p[1] for p in parts]))]) if parts else np.zeros(1)
     group_offsets = np.concatenate([[0], np.cumsum(np.concatenate([p[2] for p in parts]))]) if parts else np.zeros(1)
-    arrays = {"tokens": _write_npy(os.path.join(tmp, "tokens.npy"), [p[0] for p in parts], np.int32),
-              "seq_offsets": _write_npy(os.path.join(tmp, "seq_offsets.npy"), [seq_offsets], np.int64),
-              "group_offsets": _write_npy(os.path.join(tmp, "group_offsets.npy"), [group_offsets], np.int64),
-              "scores": _write_npy(os.path.join(tmp, "scores.npy"), [p[3] for p in parts], np.float64)}
-    header = {"key": key, "arrays": arrays, "summary": summary, "score_span": score_span,
-              "lines": [x for p in parts for x in p[4]]}
+    arrays = {
+        "tokens": _write_npy(os.path.join(tmp, "tokens.npy"), [p[0] for p in parts], np.int32),
+        "seq_offsets": _write_npy(os.path.join(tmp, "seq_offsets.npy"), [seq_offsets], np.int64),
+        "group_offsets": _write_npy(os.path.join(tmp, "group_offsets.npy"), [group_offsets], np.int64),
+        "scores": _write_npy(os.path.join(tmp, "scores.npy"), [p[3] for p in parts], np.float64),
+    }
+    header = {
+        "key": key,
+        "arrays": arrays,
+        "summary": summary,
+        "score_span": score_span,
+        "lines": [x for p in parts for x in p[4]],
+    }
     with open(os.path.join(tmp, "header.json"), "w", encoding="utf-8") as f:
         json.dump(header, f)
         f.flush()
@@ -468,8 +526,22 @@ def _merge_reports(reports):
     return out
 
 
-def load_tokenized(spec, tok, max_length, max_prompt_length, format=None, min_responses=2, require_preference=True,
-                   score_field=None, include_header=False, cache_dir=None, rank=0, world=1, gather=None, log=print):
+def load_tokenized(
+    spec,
+    tok,
+    max_length,
+    max_prompt_length,
+    format=None,
+    min_responses=2,
+    require_preference=True,
+    score_field=None,
+    include_header=False,
+    cache_dir=None,
+    rank=0,
+    world=1,
+    gather=None,
+    log=print,
+):
     """Read and tokenize a data set once per job, or take it from the cache. Returns (TokenizedSet, summary), the
     summary being the read and tokenize reports as text. The arguments are those of read_groups and tokenize_set.
 
@@ -479,9 +551,15 @@ def load_tokenized(spec, tok, max_length, max_prompt_length, format=None, min_re
     contiguous 1/world of the groups with its share of the cores, and the pieces are gathered in order; rank 0
     writes the cache, and every rank that can see it then maps it instead of keeping its own copy."""
     say = log if rank == 0 else (lambda *a: None)
-    settings = dict(max_length=max_length, max_prompt_length=max_prompt_length, format=format,
-                    min_responses=min_responses, require_preference=require_preference, score_field=score_field,
-                    include_header=include_header)
+    settings = dict(
+        max_length=max_length,
+        max_prompt_length=max_prompt_length,
+        format=format,
+        min_responses=min_responses,
+        require_preference=require_preference,
+        score_field=score_field,
+        include_header=include_header,
+    )
     path = key = None
     if cache_dir is not None:
         key = cache_key(spec, tok, **settings)
@@ -504,11 +582,20 @@ def load_tokenized(spec, tok, max_length, max_prompt_length, format=None, min_re
     start = time.time()
     groups, read_report = read_groups(spec, format, min_responses, require_preference, score_field)
     n = len(groups)
-    mine = groups[n * rank // world:n * (rank + 1) // world]
+    mine = groups[n * rank // world : n * (rank + 1) // world]
     del groups  # this rank's share only: the other texts are freed now, its own as they are encoded
     what = "tokenizing" + (f" (rank 0's share of {n})" if world > 1 else "")
-    parts, report, span = _tokenize_parts(mine, tok, max_length, max_prompt_length, min_responses, include_header,
-                                          require_preference, Progress(what, say), free=True)
+    parts, report, span = _tokenize_parts(
+        mine,
+        tok,
+        max_length,
+        max_prompt_length,
+        min_responses,
+        include_header,
+        require_preference,
+        Progress(what, say),
+        free=True,
+    )
     if world > 1:
         shares = gather((parts, report, span))
         parts = [p for share in shares for p in share[0]]
@@ -549,8 +636,10 @@ def score_rule(lo_seen, hi_seen, score_range=None):
         return None
     if 0 <= lo_seen and hi_seen <= 10:
         return 0.0, 10.0
-    raise ValueError(f"scores span [{lo_seen:g}, {hi_seen:g}]: the point-wise losses need scores in [0, 1]; "
-                     "give the scale's range (score_range=(lo, hi)) to map it linearly")
+    raise ValueError(
+        f"scores span [{lo_seen:g}, {hi_seen:g}]: the point-wise losses need scores in [0, 1]; "
+        "give the scale's range (score_range=(lo, hi)) to map it linearly"
+    )
 
 
 def scale_sets(sets, score_range=None):
@@ -623,19 +712,25 @@ class GroupLoader:
         while self.step < self.steps_per_epoch:
             start = self.step * self.batch_size + self.rank * per_rank
             self.step += 1  # before the yield: a checkpoint taken with this batch in hand must not replay it
-            yield [self.groups[i] for i in order[start:start + per_rank]]
+            yield [self.groups[i] for i in order[start : start + per_rank]]
         self.epoch, self.step = self.epoch + 1, 0
 
     def state_dict(self):
-        return {"epoch": self.epoch, "step": self.step, "num_groups": len(self.groups), "batch_size": self.batch_size,
-                "seed": self.seed}
+        return {
+            "epoch": self.epoch,
+            "step": self.step,
+            "num_groups": len(self.groups),
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+        }
 
     def load_state_dict(self, state):
         for key in ("num_groups", "batch_size", "seed"):  # the order, and so the resume, depends on them
             mine = self.state_dict()[key]
             if key in state and state[key] != mine:
-                raise ValueError(f"loader state has {key}={state[key]}, but this loader has {mine}: "
-                                 "the epoch order would differ")
+                raise ValueError(
+                    f"loader state has {key}={state[key]}, but this loader has {mine}: the epoch order would differ"
+                )
         if not 0 <= state["step"] <= self.steps_per_epoch:
             raise ValueError(f"loader state step {state['step']} outside 0..{self.steps_per_epoch}")
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
@@ -672,24 +767,40 @@ def micro_batches(groups, micro_batch_size, max_tokens=None):
 
 
 def main(argv=None):
-    parser = ArgumentParser(prog="data.py",
-                            description="Print the statistics of a preference data set under a checkpoint's tokenizer, "
-                                        "and write the tokenized set to the cache train.py reads.")
+    parser = ArgumentParser(
+        prog="data.py",
+        description="Print the statistics of a preference data set under a checkpoint's tokenizer, "
+        "and write the tokenized set to the cache train.py reads.",
+    )
     a = parser.add_argument
     a("--model", required=True, help="checkpoint directory with tokenizer.json (and tokenizer_config.json)")
-    a("--data", required=True, nargs="+",
-      help="data: files (.jsonl, .json, .parquet, .jsonl.gz, .json.gz), folders or globs, read as one set")
-    a("--format", choices=list(PARSERS), default=None,
-      help="data format (default: detected from each file's first row)")
+    a(
+        "--data",
+        required=True,
+        nargs="+",
+        help="data: files (.jsonl, .json, .parquet, .jsonl.gz, .json.gz), folders or globs, read as one set",
+    )
+    a(
+        "--format",
+        choices=list(PARSERS),
+        default=None,
+        help="data format (default: detected from each file's first row)",
+    )
     a("--score_field", default=None, help="the score of rows of one response each (format 'single'), e.g. helpfulness")
     a("--template", choices=TEMPLATES, default=None, help="chat format (default: detected from the chat template)")
-    a("--date_string", default=None,
-      help="the 'Today Date' of Llama 3.1-3.3 templates (default: as the template sets it)")
+    a(
+        "--date_string",
+        default=None,
+        help="the 'Today Date' of Llama 3.1-3.3 templates (default: as the template sets it)",
+    )
     a("--max_length", type=int, default=2048, help="token budget of prompt + one response")
     a("--max_prompt_length", type=int, default=1800, help="prompts longer than this keep their end")
     a("--min_responses", type=int, default=2, help="groups with fewer responses are skipped (1 for SFT)")
-    a("--keep_ties", action="store_true",
-      help="keep groups whose scores are all equal (the point-wise losses can use them)")
+    a(
+        "--keep_ties",
+        action="store_true",
+        help="keep groups whose scores are all equal (the point-wise losses can use them)",
+    )
     a("--include_header", action="store_true", help="score the assistant header as part of each response")
     a("--cache_dir", default=None, help="where tokenized sets are kept (default: $MPPO_CACHE, else ~/.cache/mppo)")
     a("--no_cache", action="store_true", help="print the statistics only; write no cache")
@@ -699,8 +810,16 @@ def main(argv=None):
         tok = ChatTokenizer.from_pretrained(args.model, args.template, args.date_string)
         groups, report = read_groups(data, args.format, args.min_responses, not args.keep_ties, args.score_field)
         # full lengths, but texts far over the budget cut to train.py's character bound first (a 50 MB row)
-        full, bounded = tokenize_set(groups, tok, None, None, args.min_responses, args.include_header,
-                                     not args.keep_ties, bound_lengths=(args.max_length, args.max_prompt_length))
+        full, bounded = tokenize_set(
+            groups,
+            tok,
+            None,
+            None,
+            args.min_responses,
+            args.include_header,
+            not args.keep_ties,
+            bound_lengths=(args.max_length, args.max_prompt_length),
+        )
     except (OSError, ValueError) as e:  # DataError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -720,8 +839,10 @@ def main(argv=None):
         return "p50 {:.0f}  p90 {:.0f}  p95 {:.0f}  p99 {:.0f}  max {}".format(*q, int(max(xs, default=0)))
 
     k = Counter(per_group.tolist())
-    print(f"tokenizer: template {tok.template}, bos {tok.bos_id}, eos {tok.eos_id}, stop ids {sorted(tok.stop_ids)}, "
-          f"vocab {tok.vocab_size}")
+    print(
+        f"tokenizer: template {tok.template}, bos {tok.bos_id}, eos {tok.eos_id}, stop ids {sorted(tok.stop_ids)}, "
+        f"vocab {tok.vocab_size}"
+    )
     print(report.summary())
     print(f"groups: {len(full)}, responses: {len(response_lens)}")
     print("responses per group: " + ", ".join(f"{n}: {k[n]}" for n in sorted(k)))
@@ -730,8 +851,10 @@ def main(argv=None):
     print(f"{'prompt + longest response:':28}" + pct(prompt_lens + longest))
     print(f"{'prompt + all responses:':28}" + pct(np.diff(full.seq_offsets[full.group_offsets])))
     if bounded.cut_texts:
-        print(f"{bounded.cut_texts} texts were cut to the character bound of max_length / max_prompt_length before "
-              "tokenizing (as train.py cuts them): their token counts above are lower bounds, all over the budget")
+        print(
+            f"{bounded.cut_texts} texts were cut to the character bound of max_length / max_prompt_length before "
+            "tokenizing (as train.py cuts them): their token counts above are lower bounds, all over the budget"
+        )
 
     # the set train.py trains on: each chunk of the full set cut to the budget (a copy only where something is cut)
     cut = Report(source=f"tokenized to max_length {args.max_length}, max_prompt_length {args.max_prompt_length}")
@@ -743,26 +866,36 @@ def main(argv=None):
 
     parts = []
     for i in range(0, len(groups), CHUNK):
-        chunk = groups[i:i + CHUNK]
+        chunk = groups[i : i + CHUNK]
         end = min(i + CHUNK, len(groups))
-        tokens = full.tokens[starts[i]:starts[end]]
-        lengths = seq_lens[full.group_offsets[i]:full.group_offsets[end]]
+        tokens = full.tokens[starts[i] : starts[end]]
+        lengths = seq_lens[full.group_offsets[i] : full.group_offsets[end]]
         parts.append(_cut_chunk(chunk, tokens, lengths, args.max_length, args.max_prompt_length, tok.bos_id, skip, cut))
     nothing_cut = not (cut.skipped or cut.truncated_prompts or cut.truncated_responses)
-    print(f"truncation to max_length {args.max_length}, max_prompt_length {args.max_prompt_length}: nothing cut"
-          if nothing_cut else cut.summary())
+    print(
+        f"truncation to max_length {args.max_length}, max_prompt_length {args.max_prompt_length}: nothing cut"
+        if nothing_cut
+        else cut.summary()
+    )
     if args.no_cache:
         return
-    settings = dict(max_length=args.max_length, max_prompt_length=args.max_prompt_length, format=args.format,
-                    min_responses=args.min_responses, require_preference=not args.keep_ties,
-                    score_field=args.score_field, include_header=args.include_header)
+    settings = dict(
+        max_length=args.max_length,
+        max_prompt_length=args.max_prompt_length,
+        format=args.format,
+        min_responses=args.min_responses,
+        require_preference=not args.keep_ties,
+        score_field=args.score_field,
+        include_header=args.include_header,
+    )
     key = cache_key(data, tok, **settings)
     cache_dir = args.cache_dir or default_cache_dir()
-    path = write_cache(cache_path(cache_dir, key), key, parts, f"{report.summary()}\n{cut.summary()}",
-                       full.score_span)
+    path = write_cache(cache_path(cache_dir, key), key, parts, f"{report.summary()}\n{cut.summary()}", full.score_span)
     size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
-    print(f"cache: {path} ({size / 2**20:.1f} MiB); train.py with the same data, tokenizer and settings "
-          f"(and --cache_dir {cache_dir} if not the default) reads it")
+    print(
+        f"cache: {path} ({size / 2**20:.1f} MiB); train.py with the same data, tokenizer and settings "
+        f"(and --cache_dir {cache_dir} if not the default) reads it"
+    )
 
 
 if __name__ == "__main__":

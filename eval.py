@@ -53,8 +53,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from cli import (ArgumentParser, check_at_least, check_device, check_lengths, check_model_fits, check_model_folder,
-                 fail, interruptible)
+from cli import (
+    ArgumentParser,
+    check_at_least,
+    check_device,
+    check_lengths,
+    check_model_fits,
+    check_model_folder,
+    fail,
+    interruptible,
+)
 from chat import TEMPLATES, ChatTokenizer
 from data import tokenize_groups
 from formats import data_files, read_groups
@@ -75,7 +83,9 @@ def group_rows(logps, scores, mask):
     between log p (monotone in p, and free of p's underflow to 0) and the scores."""
     rows = [ranking_sums(logps[b : b + 1], scores[b : b + 1], mask[b : b + 1]) for b in range(len(logps))]
     tau = kendall_tau_b(logps.detach().float(), scores.float(), mask)
-    return np.concatenate([np.array(rows, dtype=np.float64).reshape(len(logps), len(SUMS)), tau.cpu().numpy()[:, None]], axis=1)
+    return np.concatenate(
+        [np.array(rows, dtype=np.float64).reshape(len(logps), len(SUMS)), tau.cpu().numpy()[:, None]], axis=1
+    )
 
 
 def metrics_of(rows, weights=None):
@@ -118,8 +128,16 @@ def ranking_rows(model, groups, scoring, autocast=nullcontext()):
 
 # FastChat's llm_judge/common.py `temperature_config`: the temperature gen_model_answer.py samples
 # each MT-Bench category at (0.0: greedy). Arena-Hard-Auto's gen_answer.py reads the same table.
-CATEGORY_TEMPERATURE = {"writing": 0.7, "roleplay": 0.7, "stem": 0.1, "humanities": 0.1,
-                        "extraction": 0.0, "math": 0.0, "coding": 0.0, "reasoning": 0.0}
+CATEGORY_TEMPERATURE = {
+    "writing": 0.7,
+    "roleplay": 0.7,
+    "stem": 0.1,
+    "humanities": 0.1,
+    "extraction": 0.0,
+    "math": 0.0,
+    "coding": 0.0,
+    "reasoning": 0.0,
+}
 # a question whose category is not in the table: FastChat samples at 0.7; Arena-Hard-Auto takes its
 # gen_answer_config.yaml temperature (0.0, and its questions' category "arena-hard-v0.1" is not in
 # the table); AlpacaEval has no categories and no fixed setting: greedy
@@ -170,8 +188,9 @@ def read_questions(path):
     elif "turns" in first:
         fmt = "mt_bench"
     else:
-        raise QuestionError(f"{where[0]}: neither MT-Bench / Arena-Hard ('question_id', 'turns') "
-                            "nor AlpacaEval ('instruction') keys")
+        raise QuestionError(
+            f"{where[0]}: neither MT-Bench / Arena-Hard ('question_id', 'turns') nor AlpacaEval ('instruction') keys"
+        )
     seen = set()
     for w, q in zip(where, records):
         if not isinstance(q, dict):
@@ -181,13 +200,22 @@ def read_questions(path):
         if fmt != "alpaca_eval":
             turns = q.get("turns")
             arena = fmt == "arena_hard"
-            ok = isinstance(turns, list) and turns and all(
-                isinstance(t.get("content"), str) if arena and isinstance(t, dict) else isinstance(t, str) and not arena
-                for t in turns)
+            ok = (
+                isinstance(turns, list)
+                and turns
+                and all(
+                    isinstance(t.get("content"), str)
+                    if arena and isinstance(t, dict)
+                    else isinstance(t, str) and not arena
+                    for t in turns
+                )
+            )
             if "question_id" not in q or not ok:
                 shape = 'a non-empty list of {"content": string}' if arena else "a non-empty list of strings"
-                raise QuestionError(f"{w}: {'an Arena-Hard' if fmt == 'arena_hard' else 'an MT-Bench'} question needs "
-                                    f"'question_id' and 'turns', {shape}")
+                raise QuestionError(
+                    f"{w}: {'an Arena-Hard' if fmt == 'arena_hard' else 'an MT-Bench'} question needs "
+                    f"'question_id' and 'turns', {shape}"
+                )
         key = question_key(fmt, q)
         if key in seen:
             field = "instruction" if fmt == "alpaca_eval" else "question_id"
@@ -234,8 +262,15 @@ def answer_batch(model, tok, conversations, temperatures, generators, max_new_to
         for i in rows:
             messages[i].append({"role": "user", "content": conversations[i][t]})
             prompts.append(tok.encode_prompt(conversations[i][t] if tok.template == "none" else messages[i]))
-        new = generate_batch(model, prompts, max_new_tokens, temperature=[temperatures[i] for i in rows], top_p=top_p,
-                             stop_ids=tok.stop_ids, generators=[generators[i] for i in rows])
+        new = generate_batch(
+            model,
+            prompts,
+            max_new_tokens,
+            temperature=[temperatures[i] for i in rows],
+            top_p=top_p,
+            stop_ids=tok.stop_ids,
+            generators=[generators[i] for i in rows],
+        )
         for i, ids in zip(rows, new):
             ids = [x for x in ids if x not in tok.stop_ids]
             text = tok.decode(ids).strip()
@@ -268,8 +303,13 @@ def answer_record(fmt, question, answers, model_id, count_tokens=None):
         turns = [{"content": text, "token_len": count_tokens(text) if count_tokens else n} for text, n in answers]
     else:
         turns = [text for text, _ in answers]
-    return {"question_id": question["question_id"], "answer_id": uuid.uuid4().hex, "model_id": model_id,
-            "choices": [{"index": 0, "turns": turns}], "tstamp": time.time()}
+    return {
+        "question_id": question["question_id"],
+        "answer_id": uuid.uuid4().hex,
+        "model_id": model_id,
+        "choices": [{"index": 0, "turns": turns}],
+        "tstamp": time.time(),
+    }
 
 
 def progress_path(path, fmt):
@@ -300,8 +340,10 @@ def finished_answers(path, fmt, model_id):
         for w, r in zip(where, records):
             owner = r.get("generator" if fmt == "alpaca_eval" else "model_id") if isinstance(r, dict) else None
             if owner != model_id:
-                raise QuestionError(f"{w}: an answer of model {owner!r}, not {model_id!r}: "
-                                    f"pass another --answers (or --model_id), or delete the file to start afresh")
+                raise QuestionError(
+                    f"{w}: an answer of model {owner!r}, not {model_id!r}: "
+                    f"pass another --answers (or --model_id), or delete the file to start afresh"
+                )
             done[question_key(fmt, r)] = r
     return done
 
@@ -351,8 +393,10 @@ def generate_answers(model, tok, args, rank, world, autocast):
     count_tokens = token_counter() if fmt == "arena_hard" else None
     if rank == 0:
         temps = "per category (FastChat's table)" if args.temperature is None else f"--temperature {args.temperature:g}"
-        print(f"{fmt}: {len(questions)} questions, {len(done)} answered before, {len(todo)} to answer over {world} "
-              f"process(es), {args.gen_batch_size} at a time; temperature {temps}")
+        print(
+            f"{fmt}: {len(questions)} questions, {len(done)} answered before, {len(todo)} to answer over {world} "
+            f"process(es), {args.gen_batch_size} at a time; temperature {temps}"
+        )
     t0 = time.time()
     for start in range(0, len(mine), args.gen_batch_size):
         batch = mine[start : start + args.gen_batch_size]
@@ -385,45 +429,95 @@ def parse_args(argv=None):
     cuda = torch.cuda.is_available()
     p = ArgumentParser(prog="eval.py", description="Reward-ranking metrics and benchmark answers of a checkpoint.")
     a = p.add_argument
-    a("--model", required=True, help="checkpoint folder (Hugging Face format: config.json, *.safetensors, tokenizer.json)")
-    a("--data", nargs="+", default=None, help="held-out preference groups (files, folders or globs in any format data.py reads) for the ranking metrics")
+    a(
+        "--model",
+        required=True,
+        help="checkpoint folder (Hugging Face format: config.json, *.safetensors, tokenizer.json)",
+    )
+    a(
+        "--data",
+        nargs="+",
+        default=None,
+        help="held-out preference groups (files, folders or globs in any format data.py reads) for the ranking metrics",
+    )
     a("--data_format", default=None, help="override the detected data format")
-    a("--template", default=None, choices=TEMPLATES, help="chat template (default: detected from the checkpoint's template text)")
-    a("--date_string", default=None, help="the date Llama 3.2/3.3 chat templates print (default: today), as in training")
+    a(
+        "--template",
+        default=None,
+        choices=TEMPLATES,
+        help="chat template (default: detected from the checkpoint's template text)",
+    )
+    a(
+        "--date_string",
+        default=None,
+        help="the date Llama 3.2/3.3 chat templates print (default: today), as in training",
+    )
     a("--max_length", type=int, default=2048, help="longest prompt + response in tokens, as in training")
     a("--max_prompt_length", type=int, default=1800, help="longest prompt in tokens, as in training")
     a("--score_header", action="store_true", help="score the assistant header tokens too (use what training used)")
     a("--micro_batch_size", type=int, default=16, help="groups per forward")
     a("--max_tokens", type=int, default=None, help="optional token budget of one forward")
     a("--chunk_size", type=int, default=1024, help="positions per chunk of the language-model head")
-    a("--bootstrap", type=int, default=1000, help="bootstrap resamples of the groups for the confidence intervals (0: none)")
+    a(
+        "--bootstrap",
+        type=int,
+        default=1000,
+        help="bootstrap resamples of the groups for the confidence intervals (0: none)",
+    )
     a("--ci", type=float, default=0.95, help="confidence level of the intervals")
     a("--seed", type=int, default=0, help="seed of the bootstrap and of sampling")
     a("--out", default=None, help="also write the metrics as JSON here")
-    a("--generate", default=None,
-      help="question file: MT-Bench or Arena-Hard-Auto question.jsonl, AlpacaEval instructions (.json/.jsonl)")
-    a("--answers", default=None,
-      help="answer file (required with --generate); answers are appended as they finish and a restart skips them. "
-           "MT-Bench / Arena-Hard: data/BENCH/model_answer/MODEL_ID.jsonl (the judge names the model after it)")
-    a("--model_id", default=None,
-      help="model name in the answer file (default: the --answers base name; AlpacaEval: the --model folder's name)")
+    a(
+        "--generate",
+        default=None,
+        help="question file: MT-Bench or Arena-Hard-Auto question.jsonl, AlpacaEval instructions (.json/.jsonl)",
+    )
+    a(
+        "--answers",
+        default=None,
+        help="answer file (required with --generate); answers are appended as they finish and a restart skips them. "
+        "MT-Bench / Arena-Hard: data/BENCH/model_answer/MODEL_ID.jsonl (the judge names the model after it)",
+    )
+    a(
+        "--model_id",
+        default=None,
+        help="model name in the answer file (default: the --answers base name; AlpacaEval: the --model folder's name)",
+    )
     a("--gen_batch_size", type=int, default=16, help="questions decoded together (one batch per turn)")
     a("--max_new_tokens", type=int, default=1024, help="longest answer per turn, in tokens (FastChat's default)")
-    a("--temperature", type=float, default=None,
-      help="sampling temperature of every question; 0 = greedy (default: per category, FastChat's table: writing, "
-           "roleplay 0.7; stem, humanities 0.1; extraction, math, coding, reasoning 0; other MT-Bench 0.7, "
-           "Arena-Hard and AlpacaEval 0)")
+    a(
+        "--temperature",
+        type=float,
+        default=None,
+        help="sampling temperature of every question; 0 = greedy (default: per category, FastChat's table: writing, "
+        "roleplay 0.7; stem, humanities 0.1; extraction, math, coding, reasoning 0; other MT-Bench 0.7, "
+        "Arena-Hard and AlpacaEval 0)",
+    )
     a("--top_p", type=float, default=1.0, help="nucleus sampling threshold (with --temperature > 0)")
     a("--device", default="cuda" if cuda else "cpu", help="torch device")
-    a("--dtype", default="bfloat16" if cuda else "float32", choices=["float32", "bfloat16", "float16"], help="compute dtype (autocast; weights stay float32, as in training)")
+    a(
+        "--dtype",
+        default="bfloat16" if cuda else "float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="compute dtype (autocast; weights stay float32, as in training)",
+    )
     args = p.parse_args(argv)
     if not args.data and not args.generate:
         p.error("nothing to do: pass --data (ranking metrics) and/or --generate (benchmark answers)")
     if args.generate and not args.answers:
         p.error("--generate needs --answers, the file to write")
     check_device(args.device)  # train.py's checks, in cli.py: the same mistake gets the same line
-    check_at_least(args, 1, "max_length", "max_prompt_length", "micro_batch_size", "max_tokens", "chunk_size",
-                   "gen_batch_size", "max_new_tokens")
+    check_at_least(
+        args,
+        1,
+        "max_length",
+        "max_prompt_length",
+        "micro_batch_size",
+        "max_tokens",
+        "chunk_size",
+        "gen_batch_size",
+        "max_new_tokens",
+    )
     check_at_least(args, 0, "bootstrap")
     check_lengths(args.max_length, args.max_prompt_length)
     if not 0 < args.ci < 1:
@@ -446,8 +540,9 @@ def main(argv=None):
         model = Llama.from_pretrained(args.model, dtype=torch.float32, device=device).eval()
     except (OSError, ValueError) as e:
         fail(e)
-    check_model_fits(model.config, tok, args.model, args.max_length if args.data else None,
-                     print if rank == 0 else (lambda *a: None))
+    check_model_fits(
+        model.config, tok, args.model, args.max_length if args.data else None, print if rank == 0 else (lambda *a: None)
+    )
     dtype = getattr(torch, args.dtype)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     results = {}
@@ -455,20 +550,34 @@ def main(argv=None):
     if args.data:
         try:
             groups, report = read_groups(args.data, format=args.data_format)
-            groups, stats = tokenize_groups(groups, tok, args.max_length, args.max_prompt_length, include_header=args.score_header)
+            groups, stats = tokenize_groups(
+                groups, tok, args.max_length, args.max_prompt_length, include_header=args.score_header
+            )
         except ValueError as e:
             fail(e)
         if rank == 0:
             print(f"{report.summary()}\n{stats.summary()}".rstrip())
         if not groups:
             fail(f"{' '.join(args.data)}: no usable group")
-        scoring = Scoring(micro_batch_size=args.micro_batch_size, max_tokens=args.max_tokens, chunk_size=args.chunk_size)
+        scoring = Scoring(
+            micro_batch_size=args.micro_batch_size, max_tokens=args.max_tokens, chunk_size=args.chunk_size
+        )
         rows = ranking_rows(model, groups[rank::world], scoring, autocast)
-        rows = np.array([r for part in all_gather([list(r) for r in rows]) for r in part]) if world > 1 else rows  # group order does not matter here
+        rows = (
+            np.array([r for part in all_gather([list(r) for r in rows]) for r in part]) if world > 1 else rows
+        )  # group order does not matter here
         point = metrics_of(rows)
         ci = bootstrap(rows, args.bootstrap, args.seed, args.ci) if args.bootstrap else {}
-        results = {"data": args.data, "groups": len(rows), "tau_groups": int((~np.isnan(rows[:, len(SUMS)])).sum()),
-                   "metrics": {k: point.get(k) for k in METRICS}, "ci_level": args.ci, "ci": ci, "bootstrap": args.bootstrap, "seed": args.seed}
+        results = {
+            "data": args.data,
+            "groups": len(rows),
+            "tau_groups": int((~np.isnan(rows[:, len(SUMS)])).sum()),
+            "metrics": {k: point.get(k) for k in METRICS},
+            "ci_level": args.ci,
+            "ci": ci,
+            "bootstrap": args.bootstrap,
+            "seed": args.seed,
+        }
         if rank == 0:
             print(f"\n{args.model} on {args.data}: {len(rows)} groups with a preference")
             print(f"| metric | value | {args.ci:.0%} CI |\n|---|---|---|")

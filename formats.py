@@ -234,8 +234,9 @@ def _rating(c, key, where, name):
         try:
             x = float(x)  # some exports store ratings as strings: "7.5"
         except ValueError:
-            raise DataError(f"{where}: field '{name}.{key}': expected a number or \"N/A\", "
-                            f"got {json.dumps(x)}") from None
+            raise DataError(
+                f"{where}: field '{name}.{key}': expected a number or \"N/A\", got {json.dumps(x)}"
+            ) from None
     return _score(x, where, f"{name}.{key}")
 
 
@@ -265,8 +266,11 @@ def _parse_ultrafeedback(row, where):
 
 
 # The score fields of pairwise sets: the binarized UltraFeedback sets' names, then Argilla's two spellings.
-PAIR_SCORE_FIELDS = [("score_chosen", "score_rejected"), ("chosen-rating", "rejected-rating"),
-                     ("chosen_rating", "rejected_rating")]
+PAIR_SCORE_FIELDS = [
+    ("score_chosen", "score_rejected"),
+    ("chosen-rating", "rejected-rating"),
+    ("chosen_rating", "rejected_rating"),
+]
 
 
 def _parse_pairwise(row, where):
@@ -278,8 +282,10 @@ def _parse_pairwise(row, where):
         convs = {"chosen": _messages(chosen, where, "chosen"), "rejected": _messages(rejected, where, "rejected")}
         for name, conv in convs.items():
             if conv[-1]["role"] != "assistant":
-                raise DataError(f"{where}: field '{name}[{len(conv) - 1}].role': "
-                                f"the last message is '{conv[-1]['role']}', expected 'assistant'")
+                raise DataError(
+                    f"{where}: field '{name}[{len(conv) - 1}].role': "
+                    f"the last message is '{conv[-1]['role']}', expected 'assistant'"
+                )
         if convs["chosen"][:-1] != convs["rejected"][:-1]:
             raise DataError(f"{where}: field 'rejected': its turns before the answer differ from those of 'chosen'")
         history = convs["chosen"][:-1]
@@ -345,8 +351,10 @@ def _parse_single(row, where, score_field=None):
     response = _text(_get(row, "response", where), where, "response")
     if score_field is None:
         fields = [k for k, v in row.items() if _is_number(v)]
-        raise DataError(f"{where}: rows of one response each need the field to score by: pass score_field "
-                        f"(--score_field) one of {', '.join(fields) or '(no numeric field found)'}")
+        raise DataError(
+            f"{where}: rows of one response each need the field to score by: pass score_field "
+            f"(--score_field) one of {', '.join(fields) or '(no numeric field found)'}"
+        )
     return prompt, [response], [_score(_get(row, score_field, where), where, score_field)], 0
 
 
@@ -490,8 +498,10 @@ def _refuse_single_object(path, f):
     except (json.JSONDecodeError, UnicodeDecodeError):
         return
     if isinstance(obj, dict):
-        raise DataError(f"{path}: expected a JSON list of rows or JSON Lines, "
-                        f"got one JSON object (fields {', '.join(map(repr, obj))})")
+        raise DataError(
+            f"{path}: expected a JSON list of rows or JSON Lines, "
+            f"got one JSON object (fields {', '.join(map(repr, obj))})"
+        )
 
 
 def _parquet_rows(path):
@@ -512,8 +522,7 @@ def _parquet_rows(path):
         raise DataError(f"{path}: cannot read Parquet: {str(e).splitlines()[0]}") from None
 
 
-def read_groups(spec, format=None, min_responses=2, require_preference=True,
-                score_field=None):
+def read_groups(spec, format=None, min_responses=2, require_preference=True, score_field=None):
     """Read every group of a data set (one file, a folder, a glob or a list: see data_files) as one
     set; see the module docstring for the formats, detected per file unless format= names one.
 
@@ -535,12 +544,15 @@ def read_groups(spec, format=None, min_responses=2, require_preference=True,
             if fmt is None:
                 fmt = detect_format(row)
                 if fmt is None:
-                    raise DataError(f"{where}: cannot tell the format from the fields {sorted(row)}; "
-                                    f"pass format= one of {', '.join(PARSERS)}")
+                    raise DataError(
+                        f"{where}: cannot tell the format from the fields {sorted(row)}; "
+                        f"pass format= one of {', '.join(PARSERS)}"
+                    )
                 formats.append(fmt)
             if score_field is not None and fmt not in GROUPED_BY_PROMPT:
-                raise DataError(f"{where}: score_field applies to rows of one response each, "
-                                f"but this file is in format {fmt!r}")
+                raise DataError(
+                    f"{where}: score_field applies to rows of one response each, but this file is in format {fmt!r}"
+                )
             parse = partial(PARSERS[fmt], score_field=score_field) if fmt in GROUPED_BY_PROMPT else PARSERS[fmt]
             prompt, responses, scores, dropped = parse(row, where)
             label = f"{path}:{line}" if several else line

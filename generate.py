@@ -133,8 +133,9 @@ def _per_row(value, n, name, dtype, device):
 
 
 @torch.no_grad()
-def generate_batch(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, top_k=0, stop_ids=(),
-                   generators=None, num_samples=1):
+def generate_batch(
+    model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, top_k=0, stop_ids=(), generators=None, num_samples=1
+):
     """Continue many prompts (lists of token ids, any lengths) together with one KV cache.
 
     The prompts are left-padded to the longest; each row's positions start at 0 on its first real token
@@ -153,15 +154,20 @@ def generate_batch(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, t
         raise ValueError("generate_batch: every prompt needs at least one token")
     if isinstance(generators, (list, tuple)) and len(generators) != B * n:
         raise ValueError(f"generators: {len(generators)} for {B * n} output rows")
-    settings = [_per_row(v, B, name, dtype, device).repeat_interleave(n)
-                for v, name, dtype in ((temperature, "temperature", torch.float32), (top_p, "top_p", torch.float32),
-                                       (top_k, "top_k", torch.long))]
+    settings = [
+        _per_row(v, B, name, dtype, device).repeat_interleave(n)
+        for v, name, dtype in (
+            (temperature, "temperature", torch.float32),
+            (top_p, "top_p", torch.float32),
+            (top_k, "top_k", torch.long),
+        )
+    ]
     L = max(len(p) for p in prompts)
     ids = torch.zeros(B, L, dtype=torch.long, device=device)
     valid = torch.zeros(B, L + max_new_tokens, dtype=torch.bool, device=device)  # which cache slots hold a token
     for i, p in enumerate(prompts):
-        ids[i, L - len(p):] = torch.as_tensor(p, dtype=torch.long)
-        valid[i, L - len(p):] = True  # the slots of generated tokens count as valid from the start
+        ids[i, L - len(p) :] = torch.as_tensor(p, dtype=torch.long)
+        valid[i, L - len(p) :] = True  # the slots of generated tokens count as valid from the start
     positions = (valid[:, :L].cumsum(-1) - 1).clamp(min=0)  # (B, L): 0 on each row's first real token
     mask = None  # causal: no padding anywhere
     if not bool(valid[:, :L].all()):
@@ -200,8 +206,9 @@ def _decode(model, cache, h, valid, next_pos, max_new_tokens, settings, stop_ids
                 c.k, c.v = c.k[live], c.v[live]
         S = cache[0].length + 1  # cache slots in use once this token is in
         mask = valid[:, None, :S] if padded else None  # (r, 1, S)
-        h = model(tokens[:, None], position_ids=next_pos[:, None], attn_mask=mask, kv_cache=cache,
-                  return_hidden=True)[:, -1]  # (r, H)
+        h = model(tokens[:, None], position_ids=next_pos[:, None], attn_mask=mask, kv_cache=cache, return_hidden=True)[
+            :, -1
+        ]  # (r, H)
         next_pos = next_pos + 1
     return out
 
@@ -209,8 +216,9 @@ def _decode(model, cache, h, valid, next_pos, max_new_tokens, settings, stop_ids
 def sample_n(model, prompt, n, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, stop_ids=(), generator=None):
     """n answers to one prompt (a list of token ids): the prompt's prefill is computed once and its cache
     repeated n times. generator: None, one torch.Generator for all n rows, or a list of n."""
-    return generate_batch(model, [prompt], max_new_tokens, temperature, top_p, top_k, stop_ids, generator,
-                          num_samples=n)
+    return generate_batch(
+        model, [prompt], max_new_tokens, temperature, top_p, top_k, stop_ids, generator, num_samples=n
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -293,13 +301,22 @@ def sample_groups(model, tok, indexed_prompts, args, score):
     encoded.sort(key=lambda e: len(e[2]))  # similar lengths together: less padding
     answers, stats = {}, dict(tokens=0, unfinished=0, empty=0)
     for start in range(0, len(encoded), args.batch_size):
-        batch = encoded[start:start + args.batch_size]
+        batch = encoded[start : start + args.batch_size]
         gens = [row_generator(args.seed, i, j, device) for i, _, _ in batch for j in range(n)]
-        new = generate_batch(model, [ids for _, _, ids in batch], args.max_new_tokens, args.temperature,
-                             args.top_p, args.top_k, stop, gens, num_samples=n)
+        new = generate_batch(
+            model,
+            [ids for _, _, ids in batch],
+            args.max_new_tokens,
+            args.temperature,
+            args.top_p,
+            args.top_k,
+            stop,
+            gens,
+            num_samples=n,
+        )
         for k, (i, _, _) in enumerate(batch):
             texts = []
-            for ids in new[k * n:(k + 1) * n]:
+            for ids in new[k * n : (k + 1) * n]:
                 stats["tokens"] += len(ids)
                 stats["unfinished"] += not ids or ids[-1] not in tok.stop_ids
                 text = tok.decode([t for t in ids if t not in tok.stop_ids])
@@ -312,7 +329,7 @@ def sample_groups(model, tok, indexed_prompts, args, score):
     rows, at = [], 0
     for i, p in indexed_prompts:
         responses, counts = answers[i]
-        row_scores = [float(s) for s in scores[at:at + len(responses)]]
+        row_scores = [float(s) for s in scores[at : at + len(responses)]]
         at += len(responses)
         rows.append({"prompt": p, "responses": responses, "scores": row_scores, "counts": counts, "index": i})
     return rows, stats
@@ -335,12 +352,20 @@ def write_atomic(path, text):
 def parse_args(argv=None):
     from cli import ArgumentParser
 
-    p = ArgumentParser(prog="generate.py", description="Sample answers to every prompt of a data set with a "
-                       "policy, score them with a reward model or a verifier, and write canonical groups.")
+    p = ArgumentParser(
+        prog="generate.py",
+        description="Sample answers to every prompt of a data set with a "
+        "policy, score them with a reward model or a verifier, and write canonical groups.",
+    )
     a = p.add_argument
     a("--model", required=True, help="the policy: a Hugging Face-format Llama folder")
-    a("--prompts", required=True, nargs="+", help="data file(s), folder or glob in any format train.py reads "
-      "(only the prompts are used), or JSONL rows with just a 'prompt'")
+    a(
+        "--prompts",
+        required=True,
+        nargs="+",
+        help="data file(s), folder or glob in any format train.py reads "
+        "(only the prompts are used), or JSONL rows with just a 'prompt'",
+    )
     a("--format", default=None, help="data format of --prompts (default: detected per file)")
     a("--out", required=True, help="the groups file to write (JSONL); its chunks go to OUT.parts/ until done")
     a("--num_samples", type=int, default=8, help="answers sampled per prompt")
@@ -350,15 +375,22 @@ def parse_args(argv=None):
     a("--top_k", type=int, default=0, help="keep only the k most likely tokens (0: all)")
     a("--seed", type=int, default=0, help="each answer's generator is seeded from (seed, prompt index, sample)")
     a("--reward_model", default=None, help="a LlamaForSequenceClassification folder scoring each answer")
-    a("--scorer", default=None, help="a verifier module:function (prompt, response) -> score, e.g. "
-      "demo/make_demo.py:judge")
+    a(
+        "--scorer",
+        default=None,
+        help="a verifier module:function (prompt, response) -> score, e.g. demo/make_demo.py:judge",
+    )
     a("--batch_size", type=int, default=4, help="prompts decoded together (each with --num_samples rows)")
     a("--rm_batch_size", type=int, default=8, help="answers scored together by --reward_model")
     a("--chunk_size", type=int, default=64, help="prompts per chunk: the unit written atomically and resumed")
     a("--template", default=None, help="chat template of --model (default: detected from its tokenizer files)")
     a("--device", default=None, help="torch device (default: cuda when available; one GPU per rank under torchrun)")
-    a("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-      help="dtype of the weights (default: bfloat16 on cuda, float32 on cpu)")
+    a(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="dtype of the weights (default: bfloat16 on cuda, float32 on cpu)",
+    )
     args = p.parse_args(argv)
     if (args.reward_model is None) == (args.scorer is None):
         p.error("give exactly one of --reward_model and --scorer")
@@ -370,8 +402,21 @@ def parse_args(argv=None):
     return args
 
 
-SETTINGS = ("model", "prompts", "format", "num_samples", "max_new_tokens", "temperature", "top_p", "top_k",
-            "seed", "reward_model", "scorer", "chunk_size", "template")  # what a resumed run must share
+SETTINGS = (
+    "model",
+    "prompts",
+    "format",
+    "num_samples",
+    "max_new_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "reward_model",
+    "scorer",
+    "chunk_size",
+    "template",
+)  # what a resumed run must share
 
 
 def main(argv=None):
@@ -404,8 +449,9 @@ def main(argv=None):
         if args.reward_model:
             from reward import RewardModel
 
-            rm = RewardModel.from_pretrained(args.reward_model, dtype=dtype, device=device,
-                                             batch_size=args.rm_batch_size)
+            rm = RewardModel.from_pretrained(
+                args.reward_model, dtype=dtype, device=device, batch_size=args.rm_batch_size
+            )
     except (OSError, DataError, ConfigError, CheckpointError, ValueError) as e:
         fail(e)
 
@@ -428,17 +474,23 @@ def main(argv=None):
         before = json.load(f)
     changed = [f"--{k} {before.get(k)!r}" for k in settings if before.get(k) != settings[k]]
     if changed:
-        fail(f"{parts} was started with other settings ({', '.join(changed)}); run with the same flags to "
-             "continue it, or remove it")
+        fail(
+            f"{parts} was started with other settings ({', '.join(changed)}); run with the same flags to "
+            "continue it, or remove it"
+        )
 
-    chunks = [list(enumerate(prompts))[i:i + args.chunk_size] for i in range(0, len(prompts), args.chunk_size)]
+    chunks = [list(enumerate(prompts))[i : i + args.chunk_size] for i in range(0, len(prompts), args.chunk_size)]
     names = [os.path.join(parts, f"chunk-{c:06d}.jsonl") for c in range(len(chunks))]
     mine = [c for c in range(rank, len(chunks), world) if not os.path.exists(names[c])]
     done = len(chunks) - sum(not os.path.exists(n) for n in names)
-    log(f"{len(prompts)} prompts in {len(chunks)} chunks of {args.chunk_size}"
-        + (f"; resuming: {done} chunks already done" if done else "") + (f"; {world} ranks" if world > 1 else ""))
-    sampling = {k: getattr(args, k) for k in ("model", "temperature", "top_p", "top_k", "max_new_tokens",
-                                               "num_samples", "seed")}
+    log(
+        f"{len(prompts)} prompts in {len(chunks)} chunks of {args.chunk_size}"
+        + (f"; resuming: {done} chunks already done" if done else "")
+        + (f"; {world} ranks" if world > 1 else "")
+    )
+    sampling = {
+        k: getattr(args, k) for k in ("model", "temperature", "top_p", "top_k", "max_new_tokens", "num_samples", "seed")
+    }
     sampling["scored_by"] = args.reward_model or args.scorer
     t0, tokens, prompts_done = time.time(), 0, 0
     for k, c in enumerate(mine):
@@ -448,10 +500,12 @@ def main(argv=None):
         write_atomic(names[c], "".join(json.dumps(r) + "\n" for r in rows))
         tokens, prompts_done = tokens + stats["tokens"], prompts_done + len(rows)
         elapsed = time.time() - t0
-        left = sum(len(chunks[c]) for c in mine[k + 1:])
-        log(f"chunk {c + 1}/{len(chunks)}: {prompts_done / elapsed:.2f} prompts/s, {tokens / elapsed:.0f} tokens/s, "
+        left = sum(len(chunks[c]) for c in mine[k + 1 :])
+        log(
+            f"chunk {c + 1}/{len(chunks)}: {prompts_done / elapsed:.2f} prompts/s, {tokens / elapsed:.0f} tokens/s, "
             f"ETA {left * elapsed / prompts_done:.0f}s"
-            + (f" ({stats['unfinished']} answers hit --max_new_tokens)" if stats["unfinished"] else ""))
+            + (f" ({stats['unfinished']} answers hit --max_new_tokens)" if stats["unfinished"] else "")
+        )
     barrier()
     if rank == 0:
         total, ties, merged, single = 0, 0, 0, 0
@@ -469,8 +523,10 @@ def main(argv=None):
         for name in [*names, settings_file]:
             os.remove(name)
         os.rmdir(parts)
-        log(f"{args.out}: {total} groups; {ties} with all scores tied (kept: the point-wise losses use them), "
-            f"{single} with fewer than 2 distinct answers; {merged} identical answers merged")
+        log(
+            f"{args.out}: {total} groups; {ties} with all scores tied (kept: the point-wise losses use them), "
+            f"{single} with fewer than 2 distinct answers; {merged} identical answers merged"
+        )
 
 
 if __name__ == "__main__":

@@ -36,20 +36,53 @@ class CheckpointError(ValueError):
 
 
 # keys transformers reads whose every other value changes the computation (first value: what we write)
-FIXED_KEYS = {"hidden_act": ("silu", "swish"), "attention_bias": (False,), "mlp_bias": (False,),
-              "attention_dropout": (0.0,)}
+FIXED_KEYS = {
+    "hidden_act": ("silu", "swish"),
+    "attention_bias": (False,),
+    "mlp_bias": (False,),
+    "attention_dropout": (0.0,),
+}
 # keys transformers reads that do not change the computation: its own bookkeeping, which every
 # config.json it writes carries (pretraining_tp only split the same matmuls into slices in old versions)
-SILENT_KEYS = ("transformers_version", "use_cache", "initializer_range", "pretraining_tp",
-               "output_attentions", "output_hidden_states", "return_dict")
+SILENT_KEYS = (
+    "transformers_version",
+    "use_cache",
+    "initializer_range",
+    "pretraining_tp",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+)
 POSITIVE, INT, NUMBER, BOOL = "a positive integer", "an integer", "a number", "true or false"
-FIELD_KINDS = dict(vocab_size=POSITIVE, hidden_size=POSITIVE, intermediate_size=POSITIVE, num_hidden_layers=POSITIVE,
-                   num_attention_heads=POSITIVE, num_key_value_heads=POSITIVE, head_dim=POSITIVE,
-                   max_position_embeddings=POSITIVE, rms_norm_eps=NUMBER, tie_word_embeddings=BOOL,
-                   bos_token_id=INT, eos_token_id=INT, pad_token_id=INT)
+FIELD_KINDS = dict(
+    vocab_size=POSITIVE,
+    hidden_size=POSITIVE,
+    intermediate_size=POSITIVE,
+    num_hidden_layers=POSITIVE,
+    num_attention_heads=POSITIVE,
+    num_key_value_heads=POSITIVE,
+    head_dim=POSITIVE,
+    max_position_embeddings=POSITIVE,
+    rms_norm_eps=NUMBER,
+    tie_word_embeddings=BOOL,
+    bos_token_id=INT,
+    eos_token_id=INT,
+    pad_token_id=INT,
+)
 REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-READ_KEYS = {*FIELD_KINDS, *FIXED_KEYS, *SILENT_KEYS, "architectures", "model_type", "quantization_config",
-             "torch_dtype", "dtype", "rope_theta", "rope_scaling", "rope_parameters"}
+READ_KEYS = {
+    *FIELD_KINDS,
+    *FIXED_KEYS,
+    *SILENT_KEYS,
+    "architectures",
+    "model_type",
+    "quantization_config",
+    "torch_dtype",
+    "dtype",
+    "rope_theta",
+    "rope_scaling",
+    "rope_parameters",
+}
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
@@ -105,8 +138,12 @@ def config_json(values):
     """The config.json dict for values (parse_config's, without ignored_keys). RoPE goes out as the older
     rope_theta / rope_scaling keys: transformers v4 reads only those, and v5 converts them to its
     rope_parameters on load."""
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **values,
-            **{k: allowed[0] for k, allowed in FIXED_KEYS.items()}}
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        **values,
+        **{k: allowed[0] for k, allowed in FIXED_KEYS.items()},
+    }
 
 
 def _short(value):
@@ -116,8 +153,12 @@ def _short(value):
 
 def _typed(source, key, value, kind):
     is_int = isinstance(value, int) and not isinstance(value, bool)
-    ok = {POSITIVE: is_int and value > 0, INT: is_int, BOOL: isinstance(value, bool),
-          NUMBER: isinstance(value, (int, float)) and not isinstance(value, bool)}[kind]
+    ok = {
+        POSITIVE: is_int and value > 0,
+        INT: is_int,
+        BOOL: isinstance(value, bool),
+        NUMBER: isinstance(value, (int, float)) and not isinstance(value, bool),
+    }[kind]
     if key == "eos_token_id" and isinstance(value, list):  # Llama 3 instruct models stop on any of several
         ok = bool(value) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
     if not ok:
@@ -147,8 +188,9 @@ def _parse_rope(d, source):
             k = "original_max_position_embeddings"
             scaling[k] = _typed(source, f"{key}.{k}", rope.pop(k, max_pos), POSITIVE)
         elif rope_type != "default":  # linear, dynamic, yarn, longrope, ...: other position encodings
-            raise ConfigError(f"{source}: '{key}.rope_type' is {rope_type!r}; "
-                              "only 'default' and 'llama3' are supported")
+            raise ConfigError(
+                f"{source}: '{key}.rope_type' is {rope_type!r}; only 'default' and 'llama3' are supported"
+            )
         if rope:
             raise ConfigError(f"{source}: unsupported key '{key}.{next(iter(rope))}' for rope_type {rope_type!r}")
         return theta, scaling
@@ -228,11 +270,14 @@ def _locate_tensors(path, expected, tied):
             if name in located:
                 raise CheckpointError(f"{file}: tensor '{name}' also appears in {located[name].name}")
             if shape != expected[name]:
-                raise CheckpointError(f"{file}: tensor '{name}' has shape {shape}, "
-                                      f"config.json implies {expected[name]}")
+                raise CheckpointError(
+                    f"{file}: tensor '{name}' has shape {shape}, config.json implies {expected[name]}"
+                )
             if dtype not in SAFETENSORS_FLOATS:
-                raise CheckpointError(f"{file}: tensor '{name}' is stored as {dtype}; expected one of "
-                                      f"{', '.join(SAFETENSORS_FLOATS)} (quantized weights are not supported)")
+                raise CheckpointError(
+                    f"{file}: tensor '{name}' is stored as {dtype}; expected one of "
+                    f"{', '.join(SAFETENSORS_FLOATS)} (quantized weights are not supported)"
+                )
             located[name] = file
     missing = [name for name in expected if name not in located]
     if missing:
@@ -257,8 +302,9 @@ def _checkpoint_files(path):
             shards.setdefault(shard, []).append(name)
         for shard, names in shards.items():
             if not (path / shard).is_file():
-                raise CheckpointError(f"{index}: shard '{shard}' is missing "
-                                      f"(it holds '{names[0]}' and {len(names) - 1} more)")
+                raise CheckpointError(
+                    f"{index}: shard '{shard}' is missing (it holds '{names[0]}' and {len(names) - 1} more)"
+                )
         return [(path / shard, names) for shard, names in shards.items()]
     if (path / "model.safetensors").is_file():
         return [(path / "model.safetensors", [])]
@@ -277,8 +323,10 @@ def read_safetensors_header(file):
         try:
             header = json.loads(f.read(n))
             header.pop("__metadata__", None)
-            tensors = {name: (h["dtype"], tuple(int(x) for x in h["shape"]), int(h["data_offsets"][1]))
-                       for name, h in header.items()}
+            tensors = {
+                name: (h["dtype"], tuple(int(x) for x in h["shape"]), int(h["data_offsets"][1]))
+                for name, h in header.items()
+            }
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             raise CheckpointError(f"{file}: the safetensors header does not parse ({type(e).__name__}: {e})") from None
     if tensors:
@@ -292,8 +340,14 @@ def read_safetensors_header(file):
 # writing checkpoint folders
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "chat_template.jinja", "generation_config.json")  # copied so the folder is complete
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "generation_config.json",
+)  # copied so the folder is complete
 
 
 def write_checkpoint(folder, config, state, source_dir=None, dtype=None, max_shard_size=5 * 1024**3):
@@ -364,8 +418,10 @@ def atomic_dir(path):
     _repair(path)
     for leftover in (tmp, old):
         if leftover.exists():
-            raise FileExistsError(f"{leftover}: in the way of saving {path.name}, and not written by mppo "
-                                  f"(no {MARKER} inside); move it away")
+            raise FileExistsError(
+                f"{leftover}: in the way of saving {path.name}, and not written by mppo "
+                f"(no {MARKER} inside); move it away"
+            )
     tmp.mkdir(parents=True)
     (tmp / MARKER).write_text("")
     try:

@@ -56,48 +56,97 @@ from train import loss_of, make_optimizer, scoring_of
 HERE = os.path.dirname(os.path.abspath(__file__))
 GB = 1e9
 # config.json of named shapes, as the Hub ships them (only the keys that size the model)
-LLAMA3 = dict(vocab_size=128256, rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=8192,
-              tie_word_embeddings=False, torch_dtype="bfloat16")
-LLAMA32 = dict(LLAMA3, intermediate_size=8192, max_position_embeddings=131072, tie_word_embeddings=True,
-               rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                                 original_max_position_embeddings=8192))
+LLAMA3 = dict(
+    vocab_size=128256,
+    rms_norm_eps=1e-5,
+    rope_theta=500000.0,
+    max_position_embeddings=8192,
+    tie_word_embeddings=False,
+    torch_dtype="bfloat16",
+)
+LLAMA32 = dict(
+    LLAMA3,
+    intermediate_size=8192,
+    max_position_embeddings=131072,
+    tie_word_embeddings=True,
+    rope_scaling=dict(
+        rope_type="llama3",
+        factor=32.0,
+        low_freq_factor=1.0,
+        high_freq_factor=4.0,
+        original_max_position_embeddings=8192,
+    ),
+)
 SHAPES = {
-    "llama3-8b": dict(LLAMA3, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=8),
-    "llama3-70b": dict(LLAMA3, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
-                       num_key_value_heads=8),
-    "llama3.2-1b": dict(LLAMA32, hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-                        head_dim=64),
-    "llama3.2-3b": dict(LLAMA32, hidden_size=3072, num_hidden_layers=28, num_attention_heads=24, num_key_value_heads=8,
-                        head_dim=128),
-    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                         num_attention_heads=9, num_key_value_heads=3, rms_norm_eps=1e-5, rope_theta=100000.0,
-                         max_position_embeddings=8192, tie_word_embeddings=True, torch_dtype="bfloat16"),
+    "llama3-8b": dict(
+        LLAMA3,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+    ),
+    "llama3-70b": dict(
+        LLAMA3,
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+    ),
+    "llama3.2-1b": dict(
+        LLAMA32, hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64
+    ),
+    "llama3.2-3b": dict(
+        LLAMA32, hidden_size=3072, num_hidden_layers=28, num_attention_heads=24, num_key_value_heads=8, head_dim=128
+    ),
+    "smollm2-135m": dict(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        rms_norm_eps=1e-5,
+        rope_theta=100000.0,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+        torch_dtype="bfloat16",
+    ),
 }
 # the tracker's categories (FSDPMemTracker's, MemTracker's), as the report names them
-ROWS = [("float32 weights, this rank's (shards under FSDP)", ("Sharded Param", "Parameter")),
-        ("float32 gradients, this rank's", ("Sharded Grad", "Gradient")),
-        ("AdamW moments", ("OptState", "Optstate")),
-        ("gathered weights (compute dtype)", ("Unsharded Param", "All Gather")),
-        ("unsharded gradients", ("Unsharded Grad",)),
-        ("reduce-scatter buffers", ("Reduce Scatter",)),
-        ("activations (saved for backward)", ("Activation",)),
-        ("temporaries of backward", ("Temp",)),
-        ("inputs, buffers, other", ("Inputs", "Buffer", "Other"))]
+ROWS = [
+    ("float32 weights, this rank's (shards under FSDP)", ("Sharded Param", "Parameter")),
+    ("float32 gradients, this rank's", ("Sharded Grad", "Gradient")),
+    ("AdamW moments", ("OptState", "Optstate")),
+    ("gathered weights (compute dtype)", ("Unsharded Param", "All Gather")),
+    ("unsharded gradients", ("Unsharded Grad",)),
+    ("reduce-scatter buffers", ("Reduce Scatter",)),
+    ("activations (saved for backward)", ("Activation",)),
+    ("temporaries of backward", ("Temp",)),
+    ("inputs, buffers, other", ("Inputs", "Buffer", "Other")),
+]
 
 
 def parse_args(argv=None):
     p = ArgumentParser(prog="memory.py", description="Per-GPU memory of a train.py run, simulated on a CPU.")
     a = p.add_argument
-    a("--model", default="llama3-8b",
-      help=f"a checkpoint folder (only config.json is read) or a named shape: {', '.join(SHAPES)}")
+    a(
+        "--model",
+        default="llama3-8b",
+        help=f"a checkpoint folder (only config.json is read) or a named shape: {', '.join(SHAPES)}",
+    )
     a("--nproc", type=int, default=1, help="processes (GPUs) in all, over every node: the world size")
     a("--fsdp", action="store_true", help="train.py --fsdp: shard weights, gradients and AdamW state (else DDP)")
     a("--fsdp_grad_sync", default="every", choices=Sharded.GRAD_SYNCS, help="train.py --fsdp_grad_sync")
     a("--micro_batch_size", type=int, default=4, help="groups per forward/backward on one rank")
     a("--max_tokens", type=int, default=None, help="token budget of one micro-batch; the plan fills it exactly")
-    a("--group_tokens", type=int, default=1625,
-      help="without --max_tokens: tokens of one group, prompt + all responses (a packed UltraFeedback group: ~1.6k)")
+    a(
+        "--group_tokens",
+        type=int,
+        default=1625,
+        help="without --max_tokens: tokens of one group, prompt + all responses (a packed UltraFeedback group: ~1.6k)",
+    )
     a("--responses", type=int, default=4, help="responses per group")
     a("--gradient_checkpointing", action="store_true", help="recompute each block's activations in backward")
     a("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="compute dtype (train.py's on a GPU)")
@@ -112,8 +161,10 @@ def parse_args(argv=None):
         if getattr(args, flag) < 1:
             fail(f"--{flag} {getattr(args, flag)}: must be at least 1")
     if args.max_tokens is not None and args.max_tokens < 2 * args.micro_batch_size * (args.responses + 1):
-        fail(f"--max_tokens {args.max_tokens}: too small for {args.micro_batch_size} groups of "
-             f"{args.responses} responses")
+        fail(
+            f"--max_tokens {args.max_tokens}: too small for {args.micro_batch_size} groups of "
+            f"{args.responses} responses"
+        )
     # what train.py reads besides these, at its defaults
     args.beta, args.gamma_beta_ratio, args.orpo_lambda = None, 0.5, 0.1
     args.lr, args.adam_betas, args.weight_decay, args.warmup_ratio, args.grad_clip = 5e-7, [0.9, 0.999], 0.0, 0.1, 1.0
@@ -138,9 +189,14 @@ def micro_batch_groups(args, tokens):
         n = tokens // args.micro_batch_size + (b < tokens % args.micro_batch_size)
         P = max(1, n // 5)
         lengths = [(n - P) // args.responses + (k < (n - P) % args.responses) for k in range(args.responses)]
-        groups.append(SimpleNamespace(prompt_ids=[1] * P, response_ids=[[2] * L for L in lengths],
-                                      scores=[float(k) for k in range(args.responses)],
-                                      ref_logps=[-1.0] * args.responses))
+        groups.append(
+            SimpleNamespace(
+                prompt_ids=[1] * P,
+                response_ids=[[2] * L for L in lengths],
+                scores=[float(k) for k in range(args.responses)],
+                ref_logps=[-1.0] * args.responses,
+            )
+        )
     return groups
 
 
@@ -166,6 +222,7 @@ class Tracker:
                 def pre_backward(*args, **kwargs):
                     outer.unit = self._mod_tracker.get_known_fqn(fsdp_mod)
                     return inner(*args, **kwargs)
+
                 return pre_backward
 
             def _instrument_fsdp_module(self):
@@ -191,6 +248,7 @@ class Tracker:
             self.unit = tracker._mod_tracker.get_known_fqn(head)
             args, kwargs = pre(head, args, {})
             return post(head, args, method(*args, **kwargs))
+
         head.target_logprobs = target_logprobs
 
     def note(self, mod_tracker):
@@ -274,15 +332,23 @@ def simulate(args, config, tokens, real=False):
     total, rows = t.peak()
     # the batch on the GPU (train.py moves each micro-batch there): real tensors here, so counted, not traced
     rows["the micro-batch (token ids, attention mask)"] = on_gpu = sum(
-        v.nbytes for v in vars(batch).values() if torch.is_tensor(v))
+        v.nbytes for v in vars(batch).values() if torch.is_tensor(v)
+    )
     total += on_gpu
     if not args.fsdp and world > 1:  # DDP's reducer cannot run on fake tensors: its buckets are counted, not traced
         rows["DDP's gradient buckets (4 B x parameters, counted)"] = ddp = 4 * sum(p.numel() for p in params)
         total += ddp
     counters = sum(s["step"].nbytes for s in optimizer.state.values())  # AdamW's step counts, 4 bytes per tensor
     state = sum(v for k, v in held.items() if k != "Total" and any(k.value in keys for _, keys in ROWS[:3]))
-    return dict(total=total, rows=rows, where=t.where, tokens=batch.num_tokens, state=state - counters,
-                n_params=sum(p.numel() for p in params), shape=tuple(batch.input_ids.shape))
+    return dict(
+        total=total,
+        rows=rows,
+        where=t.where,
+        tokens=batch.num_tokens,
+        state=state - counters,
+        n_params=sum(p.numel() for p in params),
+        shape=tuple(batch.input_ids.shape),
+    )
 
 
 def plan(args):
@@ -293,24 +359,32 @@ def plan(args):
     sync = "every micro-step" if args.fsdp_grad_sync == "every" else "the last micro-step"
     mode = f"FSDP, gradients reduce-scattered on {sync}" if args.fsdp else "DDP" if args.nproc > 1 else "one process"
     n = main["n_params"]
-    print(f"{args.model}: {f'{n / 1e9:.2f}B' if n >= 1e9 else f'{n / 1e6:.1f}M'} parameters on {args.nproc} GPU(s), "
-          f"{mode}, {args.dtype}, {'with' if args.gradient_checkpointing else 'without'} gradient checkpointing")
+    print(
+        f"{args.model}: {f'{n / 1e9:.2f}B' if n >= 1e9 else f'{n / 1e6:.1f}M'} parameters on {args.nproc} GPU(s), "
+        f"{mode}, {args.dtype}, {'with' if args.gradient_checkpointing else 'without'} gradient checkpointing"
+    )
     R, T = main["shape"]
-    print(f"micro-batch: {args.micro_batch_size} groups, {main['tokens']} tokens ({R} row(s) of {T}), {args.responses} "
-          f"responses each; loss {args.loss}, head chunks of {args.chunk_size}, attention {args.attn_impl}")
+    print(
+        f"micro-batch: {args.micro_batch_size} groups, {main['tokens']} tokens ({R} row(s) of {T}), {args.responses} "
+        f"responses each; loss {args.loss}, head chunks of {args.chunk_size}, attention {args.attn_impl}"
+    )
     print(f"\nper GPU at the peak ({main['where']}):\n")
     print("| memory | GB |\n|---|---|")
     for name, b in main["rows"].items():
         if b:
             print(f"| {name} | {b / GB:.2f} |")
     print(f"| **total** | **{main['total'] / GB:.2f}** of {args.gpu_memory:g} |")
-    print(f"\n{'fits' if main['total'] / GB <= args.gpu_memory else 'does NOT fit'} in {args.gpu_memory:g} GB "
-          f"(plus 1-3 GB for the CUDA context, NCCL buffers and fragmentation, which the simulation leaves out)")
+    print(
+        f"\n{'fits' if main['total'] / GB <= args.gpu_memory else 'does NOT fit'} in {args.gpu_memory:g} GB "
+        f"(plus 1-3 GB for the CUDA context, NCCL buffers and fragmentation, which the simulation leaves out)"
+    )
     # activations and temporaries grow with the tokens, the rest does not: the budget that fills the GPU
     scaling = sum(main["rows"][name] for name, _ in ROWS[6:8])
     fit = main["tokens"] * (args.gpu_memory * GB - (main["total"] - scaling)) / scaling
-    print(f"largest --max_tokens for {args.gpu_memory:g} GB, activations and temporaries scaled with the tokens: "
-          f"about {max(0, int(fit)) // 256 * 256}")
+    print(
+        f"largest --max_tokens for {args.gpu_memory:g} GB, activations and temporaries scaled with the tokens: "
+        f"about {max(0, int(fit)) // 256 * 256}"
+    )
     if args.fit and fit > 0:
         args.max_tokens = max(0, int(fit)) // 256 * 256
         check = simulate(args, config, args.max_tokens)

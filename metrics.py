@@ -29,8 +29,18 @@ from packing import score_groups
 from parallel import all_reduce_sum, rank_and_world
 
 # names of the sums that ranking_sums returns, in order; metrics are ratios of these
-SUMS = ["groups", "p_chosen", "p_rejected", "rejected", "pairs_correct", "pairs", "top1", "logps_chosen",
-        "logps_rejected", "reward_margin"]
+SUMS = [
+    "groups",
+    "p_chosen",
+    "p_rejected",
+    "rejected",
+    "pairs_correct",
+    "pairs",
+    "top1",
+    "logps_chosen",
+    "logps_rejected",
+    "reward_margin",
+]
 
 
 def ranking_sums(logps, scores, mask):
@@ -109,9 +119,14 @@ class StepStats:
         metrics, groups skipped, throughput. Every rank calls it (an all-reduce)."""
         loss, tokens, *sums = all_reduce_sum([self.loss, self.tokens, *self.sums], device)
         seconds = time.time() - self.start
-        return {"loss": loss / self.steps, "grad_norm": self.grad_norm, **ranking_metrics(sums),
-                "no_pref_groups": int(self.skipped), "groups_per_s": self.groups / seconds,
-                "tokens_per_s": tokens / seconds}
+        return {
+            "loss": loss / self.steps,
+            "grad_norm": self.grad_norm,
+            **ranking_metrics(sums),
+            "no_pref_groups": int(self.skipped),
+            "groups_per_s": self.groups / seconds,
+            "tokens_per_s": tokens / seconds,
+        }
 
 
 @torch.no_grad()
@@ -181,8 +196,19 @@ class MetricsLog:
     """Appends each record to OUT/metrics.jsonl, prints a compact line, and sends the numbers to
     the tracker asked for (imported only then)."""
 
-    CONSOLE = ("loss", "grad_norm", "lr", "logps_chosen", "logps_rejected", "reward_margin", "pair_acc", "top1_acc",
-               "gen_success", "groups_per_s", "peak_mem_gb")
+    CONSOLE = (
+        "loss",
+        "grad_norm",
+        "lr",
+        "logps_chosen",
+        "logps_rejected",
+        "reward_margin",
+        "pair_acc",
+        "top1_acc",
+        "gen_success",
+        "groups_per_s",
+        "peak_mem_gb",
+    )
 
     def __init__(self, out, total_steps, report_to="none", config=None):
         self.file = open(os.path.join(out, "metrics.jsonl"), "a")
@@ -201,8 +227,10 @@ class MetricsLog:
         try:
             if name == "tensorboard":
                 from torch.utils.tensorboard import SummaryWriter
+
                 return SummaryWriter
             import wandb
+
             return wandb
         except ImportError:
             package = TRACKERS[name]

@@ -17,8 +17,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from hf_format import (ConfigError, as_torch_dtype, atomic_dir, config_json, parse_config, read_config,
-                       read_pretrained, tensor_slices, write_checkpoint)
+from hf_format import (
+    ConfigError,
+    as_torch_dtype,
+    atomic_dir,
+    config_json,
+    parse_config,
+    read_config,
+    read_pretrained,
+    tensor_slices,
+    write_checkpoint,
+)
 
 
 @dataclass
@@ -48,8 +57,10 @@ class LlamaConfig:
         self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
         self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ConfigError(f"'num_key_value_heads' ({self.num_key_value_heads}) must divide "
-                              f"'num_attention_heads' ({self.num_attention_heads})")
+            raise ConfigError(
+                f"'num_key_value_heads' ({self.num_key_value_heads}) must divide "
+                f"'num_attention_heads' ({self.num_attention_heads})"
+            )
         if self.head_dim % 2:
             raise ConfigError(f"'head_dim' ({self.head_dim}) must be even for RoPE")
 
@@ -135,10 +146,10 @@ class KVCache:
         if self.k.dtype != k.dtype:  # FSDP's mixed precision computes in bf16 while the weights stay float32
             self.k, self.v = self.k.to(k.dtype), self.v.to(k.dtype)
         T = k.shape[2]
-        self.k[:, :, self.length:self.length + T] = k
-        self.v[:, :, self.length:self.length + T] = v
+        self.k[:, :, self.length : self.length + T] = k
+        self.v[:, :, self.length : self.length + T] = v
         self.length += T
-        return self.k[:, :, :self.length], self.v[:, :, :self.length]  # (B, nkv, S, hs)
+        return self.k[:, :, : self.length], self.v[:, :, : self.length]  # (B, nkv, S, hs)
 
 
 class Attention(nn.Module):
@@ -200,11 +211,13 @@ class Llama(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        self.model = nn.ModuleDict(dict(
-            embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size),
-            layers=nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers)),
-            norm=RMSNorm(config.hidden_size, config.rms_norm_eps),
-        ))
+        self.model = nn.ModuleDict(
+            dict(
+                embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size),
+                layers=nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers)),
+                norm=RMSNorm(config.hidden_size, config.rms_norm_eps),
+            )
+        )
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -251,8 +264,10 @@ class Llama(nn.Module):
 
     def new_kv_cache(self, batch_size, max_len):
         w, c = self.model.embed_tokens.weight, self.config
-        return [KVCache(batch_size, c.num_key_value_heads, max_len, c.head_dim, w.dtype, w.device)
-                for _ in range(c.num_hidden_layers)]
+        return [
+            KVCache(batch_size, c.num_key_value_heads, max_len, c.head_dim, w.dtype, w.device)
+            for _ in range(c.num_hidden_layers)
+        ]
 
     @classmethod
     def tensor_shapes(cls, config):
@@ -278,8 +293,9 @@ class Llama(nn.Module):
         model.source_dir = str(Path(path))
         return model
 
-    def save_pretrained(self, path, source_dir=None, state_dict=None, dtype=None, atomic=True,
-                        max_shard_size=5 * 1024**3):
+    def save_pretrained(
+        self, path, source_dir=None, state_dict=None, dtype=None, atomic=True, max_shard_size=5 * 1024**3
+    ):
         """Write a HF checkpoint folder: safetensors shards + index, config.json, and the tokenizer /
         generation files of source_dir (default: the folder this model was loaded from).
         state_dict: a full (gathered) state dict when the model is sharded, e.g. under FSDP.

@@ -63,8 +63,16 @@ def answers(model, tok, prompts, n, max_new_tokens, temperature, top_p, generato
     out = []
     for i in range(0, len(prompts), batch_prompts):
         chunk = [tok.encode_prompt([{"role": "user", "content": p}]) for p in prompts[i : i + batch_prompts]]
-        new = generate_batch(model, chunk, max_new_tokens, temperature=temperature, top_p=top_p, stop_ids=tok.stop_ids,
-                             generators=generator, num_samples=n)
+        new = generate_batch(
+            model,
+            chunk,
+            max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            stop_ids=tok.stop_ids,
+            generators=generator,
+            num_samples=n,
+        )
         texts = [tok.decode([t for t in ids if t not in tok.stop_ids]).strip() for ids in new]
         out += [texts[j * n : (j + 1) * n] for j in range(len(chunk))]
     return out
@@ -100,9 +108,24 @@ def run_seed(args, seed, tok, judge):
     out = os.path.join(args.out, f"seed{seed}")
     os.makedirs(out, exist_ok=True)
     # train.py's demo flags (its rates were tuned with nanoGPT's betas)
-    common = ["--max_length", "64", "--max_prompt_length", "32", "--seed", str(seed), "--adam_betas", "0.9", "0.95",
-              "--overwrite", "--batch_size", str(args.batch_size), "--micro_batch_size", str(args.batch_size),
-              "--log_every", "25"]
+    common = [
+        "--max_length",
+        "64",
+        "--max_prompt_length",
+        "32",
+        "--seed",
+        str(seed),
+        "--adam_betas",
+        "0.9",
+        "0.95",
+        "--overwrite",
+        "--batch_size",
+        str(args.batch_size),
+        "--micro_batch_size",
+        str(args.batch_size),
+        "--log_every",
+        "25",
+    ]
     sft = args.sft_model.format(seed=seed) if args.sft_model else None
     if sft is None:
         torch.manual_seed(seed)
@@ -111,9 +134,26 @@ def run_seed(args, seed, tok, judge):
         rows = read_jsonl(os.path.join(DEMO, "sft.jsonl"), args.sft_rows)
         sft_data = write_jsonl(os.path.join(out, "sft.jsonl"), rows)
         sft_len = ["--max_steps", str(args.sft_steps)] if args.sft_steps else ["--epochs", "2"]
-        sft = train.train(train.parse_args(["--model", init, "--data", sft_data, "--loss", "sft",
-                                            "--out", os.path.join(out, "sft"), "--lr", "3e-3", "--warmup_ratio", "0.05",
-                                            *sft_len, *common]))
+        sft = train.train(
+            train.parse_args(
+                [
+                    "--model",
+                    init,
+                    "--data",
+                    sft_data,
+                    "--loss",
+                    "sft",
+                    "--out",
+                    os.path.join(out, "sft"),
+                    "--lr",
+                    "3e-3",
+                    "--warmup_ratio",
+                    "0.05",
+                    *sft_len,
+                    *common,
+                ]
+            )
+        )
     offline_groups = read_jsonl(os.path.join(DEMO, "train.jsonl"), args.prompts)
     prompts = [g["prompt"] for g in offline_groups]
     mnm = ["--loss", "pair_mnm", "--lr", "1e-3", "--warmup_ratio", "0.1", "--max_steps", str(args.steps), *common]
@@ -121,25 +161,31 @@ def run_seed(args, seed, tok, judge):
     t0 = time.time()
     model = Llama.from_pretrained(sft).eval()
     generator = torch.Generator().manual_seed(seed)
-    samples = answers(model, tok, prompts, args.num_samples, args.max_new_tokens, args.temperature, args.top_p,
-                      generator)
+    samples = answers(
+        model, tok, prompts, args.num_samples, args.max_new_tokens, args.temperature, args.top_p, generator
+    )
     groups, stats = onpolicy_groups(samples, prompts, judge)
     stats["sample_s"] = round(time.time() - t0, 1)
     onpolicy_data = write_jsonl(os.path.join(out, "onpolicy_groups.jsonl"), groups)
     offline_data = write_jsonl(os.path.join(out, "offline_groups.jsonl"), offline_groups)
-    print(f"seed {seed}: {stats['groups']} on-policy groups from {len(prompts)} prompts x {args.num_samples} samples "
-          f"({stats['answers'] / max(stats['groups'], 1):.2f} distinct answers per group, {stats['with_10']} with a "
-          f"sorted answer, {stats['all_tied']} all tied, {stats['single_answer']} prompts with one distinct answer "
-          f"dropped) in {stats['sample_s']} s")
-    offline = train.train(train.parse_args(["--model", sft, "--data", offline_data,
-                                            "--out", os.path.join(out, "offline"), *mnm]))
-    onpolicy = train.train(train.parse_args(["--model", sft, "--data", onpolicy_data,
-                                             "--out", os.path.join(out, "onpolicy"), *mnm]))
+    print(
+        f"seed {seed}: {stats['groups']} on-policy groups from {len(prompts)} prompts x {args.num_samples} samples "
+        f"({stats['answers'] / max(stats['groups'], 1):.2f} distinct answers per group, {stats['with_10']} with a "
+        f"sorted answer, {stats['all_tied']} all tied, {stats['single_answer']} prompts with one distinct answer "
+        f"dropped) in {stats['sample_s']} s"
+    )
+    offline = train.train(
+        train.parse_args(["--model", sft, "--data", offline_data, "--out", os.path.join(out, "offline"), *mnm])
+    )
+    onpolicy = train.train(
+        train.parse_args(["--model", sft, "--data", onpolicy_data, "--out", os.path.join(out, "onpolicy"), *mnm])
+    )
 
     held_out = [g["prompt"] for g in read_jsonl(os.path.join(DEMO, "eval.jsonl"), args.eval_prompts)]
-    success = {name: greedy_success(path, tok, held_out, judge, args.max_new_tokens)
-               for name, path in (("SFT", sft), ("SFT + offline Pair-MNM", offline),
-                                  ("SFT + on-policy Pair-MNM", onpolicy))}
+    success = {
+        name: greedy_success(path, tok, held_out, judge, args.max_new_tokens)
+        for name, path in (("SFT", sft), ("SFT + offline Pair-MNM", offline), ("SFT + on-policy Pair-MNM", onpolicy))
+    }
     print(f"seed {seed}: greedy success " + ", ".join(f"{k} {v:.3f}" for k, v in success.items()))
     return success, stats
 
@@ -156,16 +202,28 @@ def table(results):
 
 
 def parse_args(argv=None):
-    p = ArgumentParser(prog="onpolicy.py",
-                       description="The demo on-policy: sample, judge, Pair-MNM; against offline Pair-MNM.")
+    p = ArgumentParser(
+        prog="onpolicy.py", description="The demo on-policy: sample, judge, Pair-MNM; against offline Pair-MNM."
+    )
     a = p.add_argument
-    a("--seeds", type=int, nargs="+", default=[0, 1, 2],
-      help="one run of all three stages per seed (init, data order, sampling)")
-    a("--out", default="out/onpolicy",
-      help="output folder: seedS/{init,sft,offline,onpolicy}, the groups, results.json")
-    a("--sft_model", default=None,
-      help="start from this SFT checkpoint instead of training one per seed; {seed} in it is replaced by the seed "
-           "(e.g. out/onpolicy/seed{seed}/sft/final: an earlier run's SFT models)")
+    a(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0, 1, 2],
+        help="one run of all three stages per seed (init, data order, sampling)",
+    )
+    a(
+        "--out",
+        default="out/onpolicy",
+        help="output folder: seedS/{init,sft,offline,onpolicy}, the groups, results.json",
+    )
+    a(
+        "--sft_model",
+        default=None,
+        help="start from this SFT checkpoint instead of training one per seed; {seed} in it is replaced by the seed "
+        "(e.g. out/onpolicy/seed{seed}/sft/final: an earlier run's SFT models)",
+    )
     a("--sft_rows", type=int, default=None, help="SFT demonstrations used (default: all of demo/sft.jsonl)")
     a("--sft_steps", type=int, default=0, help="SFT steps (0: 2 epochs, as train.py's demo)")
     a("--prompts", type=int, default=2400, help="training prompts: the first this many groups of demo/train.jsonl")
@@ -187,11 +245,14 @@ def main(argv=None):
     runs = [run_seed(args, seed, tok, judge) for seed in args.seeds]
     results = [success for success, _ in runs]
     text = table(results)
-    print(f"\non-policy vs offline Pair-MNM, {args.steps} steps of {args.batch_size} groups on {args.prompts} prompts, "
-          f"seeds {' '.join(map(str, args.seeds))}; {time.time() - t0:.0f} s\n{text}")
+    print(
+        f"\non-policy vs offline Pair-MNM, {args.steps} steps of {args.batch_size} groups on {args.prompts} prompts, "
+        f"seeds {' '.join(map(str, args.seeds))}; {time.time() - t0:.0f} s\n{text}"
+    )
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"args": vars(args), "success": results, "groups": [stats for _, stats in runs], "table": text}, f,
-                  indent=2)
+        json.dump(
+            {"args": vars(args), "success": results, "groups": [stats for _, stats in runs], "table": text}, f, indent=2
+        )
     return results
 
 

@@ -259,7 +259,6 @@ def packed_batch(groups, max_row_tokens=None, pad_id=0):
     return layout.batch(groups, need_mask=need_mask, num_logical_tokens=_logical_tokens(groups))
 
 
-
 def make_batch(groups, layout="packed", pad_id=0, max_tokens=None):
     """The Batch of a micro-batch of groups in either layout (max_tokens: row budget of 'packed')."""
     return packed_batch(groups, max_row_tokens=max_tokens) if layout == "packed" else padded_batch(groups, pad_id)
@@ -390,7 +389,9 @@ class SegmentAttention:
                     parts.append(F.scaled_dot_product_attention(qs[i], ks[i], vs[i], is_causal=True))
                 else:  # keys and values: the prompt's, then the response's own
                     kk, vv = torch.cat([ks[p], ks[i]], dim=2), torch.cat([vs[p], vs[i]], dim=2)  # (1, nh, P + n, hs)
-                    parts.append(F.scaled_dot_product_attention(qs[i], kk, vv, attn_mask=self.response_mask(sizes[p], n)))
+                    parts.append(
+                        F.scaled_dot_product_attention(qs[i], kk, vv, attn_mask=self.response_mask(sizes[p], n))
+                    )
             rows.append(torch.cat(parts, dim=2))  # (1, nh, T, hs)
         return torch.cat(rows)  # (R, nh, T, hs)
 
@@ -442,8 +443,10 @@ def choose_attention(model, batch, attn_impl="auto"):
     inner = unwrap(model)
     accepts = getattr(inner, "accepts_attention_fn", False)
     if attn_impl in ("segments", "flex") and not accepts:
-        raise ValueError(f"attn_impl={attn_impl!r} needs a model that accepts a callable attn_mask "
-                         f"(accepts_attention_fn = True); {type(inner).__name__} does not: use 'sdpa'")
+        raise ValueError(
+            f"attn_impl={attn_impl!r} needs a model that accepts a callable attn_mask "
+            f"(accepts_attention_fn = True); {type(inner).__name__} does not: use 'sdpa'"
+        )
     if batch.attn_mask is None:
         return "causal"
     if attn_impl != "auto":

@@ -39,7 +39,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
@@ -117,7 +122,11 @@ class Replicated:
         self.module = Llama.from_pretrained(path, dtype=torch.float32, device=self.device)
         self.module.gradient_checkpointing = gradient_checkpointing
         ddp = self.world > 1
-        self.model = DDP(self.module, device_ids=[self.device.index] if self.device.type == "cuda" else None) if ddp else self.module
+        self.model = (
+            DDP(self.module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            if ddp
+            else self.module
+        )
         return self.model
 
     def load_frozen(self, path):
@@ -141,7 +150,9 @@ class Replicated:
                 torch.save(optimizer.state_dict(), Path(folder) / "optimizer.pt")
 
     def load_state(self, optimizer, folder):
-        optimizer.load_state_dict(torch.load(Path(folder) / "optimizer.pt", map_location=self.device, weights_only=True))
+        optimizer.load_state_dict(
+            torch.load(Path(folder) / "optimizer.pt", map_location=self.device, weights_only=True)
+        )
 
 
 class Sharded(Replicated):
@@ -163,7 +174,9 @@ class Sharded(Replicated):
         self.grad_sync = grad_sync
         self.autocast = nullcontext()
         if not dist.is_initialized():  # one process without torchrun: a group of one runs the same code
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+            dist.init_process_group(
+                "nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1
+            )
             self.rank, self.world = 0, 1
         self.mesh = init_device_mesh(device.type, (self.world,))
 
@@ -172,9 +185,10 @@ class Sharded(Replicated):
 
         FSDP units (each all-gathered only while it computes, then freed): every block; the final
         norm; the embedding; lm_head. With tied embeddings the embedding and lm_head are one weight
-        and stay with the root, gathered from the forward to the end of the backward. packing.response_logps reads lm_head's weight outside lm_head's forward (the
-        chunked loss), so lm_head gets a forward method, target_logprobs, that FSDP gathers the
-        weight around and again around its backward, whose end reduce-scatters its gradient."""
+        and stay with the root, gathered from the forward to the end of the backward.
+        packing.response_logps reads lm_head's weight outside lm_head's forward (the chunked loss),
+        so lm_head gets a forward method, target_logprobs, that FSDP gathers the weight around and
+        again around its backward, whose end reduce-scatters its gradient."""
         with torch.device("meta"):  # shapes only; fully_shard turns each parameter into a DTensor of shards
             model = Llama(config)
         policy = MixedPrecisionPolicy(param_dtype=self.dtype, reduce_dtype=torch.float32)
@@ -187,7 +201,8 @@ class Sharded(Replicated):
             fully_shard(model.model.embed_tokens, mesh=self.mesh, mp_policy=policy)
             head = fully_shard(model.lm_head, mesh=self.mesh, mp_policy=policy)
             head.target_logprobs = lambda hidden, targets, chunk_size: chunked_target_logprobs(
-                hidden, head.weight, targets, chunk_size)
+                hidden, head.weight, targets, chunk_size
+            )
             register_fsdp_forward_method(head, "target_logprobs")
         fully_shard(model, mesh=self.mesh, mp_policy=policy)
         model.to_empty(device=self.device)  # allocates this rank's shards, uninitialised
@@ -203,7 +218,9 @@ class Sharded(Replicated):
         model = self.empty_model(config)
         params = dict(model.named_parameters())  # DTensors, Shard(0) over the ranks
         for name, tensor in tensor_slices(located):
-            local = params[name].to_local()  # this rank's rows: torch.chunk's split of dim 0 (the last ranks may get fewer or none)
+            local = params[
+                name
+            ].to_local()  # this rank's rows: torch.chunk's split of dim 0 (the last ranks may get fewer or none)
             start = self.rank * math.ceil(params[name].shape[0] / self.world)
             if local.shape[0] > 0:
                 local.copy_(tensor[start : start + local.shape[0]])  # reads only these rows, casts to float32
@@ -244,7 +261,9 @@ class Sharded(Replicated):
         copy anywhere), which writes the Hugging Face folder; then each rank writes its own shards
         of model and AdamW state to folder/sharded/ with torch.distributed.checkpoint (all ranks
         must see the same file system, e.g. a shared disk across nodes)."""
-        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))  # {} on ranks > 0
+        full = get_model_state_dict(
+            self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )  # {} on ranks > 0
         if self.rank == 0:
             self.module.save_pretrained(folder, state_dict=full, source_dir=source_dir, dtype=dtype, atomic=False)
         del full

@@ -119,12 +119,20 @@ def draw(runs, title=None):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise SystemExit("error: plot.py needs matplotlib: pip install matplotlib (or pip install -r requirements-plot.txt)") from None
+        raise SystemExit(
+            "error: plot.py needs matplotlib: pip install matplotlib (or pip install -r requirements-plot.txt)"
+        ) from None
     data = curves(runs)
     rows = [t for t, _ in PANELS if any((t, s) in data for s in SPLITS)]
     cols = [s for s in SPLITS if any((t, s) in data for t in rows)]
-    fig, axes = plt.subplots(len(rows), len(cols), figsize=(PANEL_SIZE[0] * len(cols), PANEL_SIZE[1] * len(rows)),
-                             dpi=DPI, sharex=True, squeeze=False)
+    fig, axes = plt.subplots(
+        len(rows),
+        len(cols),
+        figsize=(PANEL_SIZE[0] * len(cols), PANEL_SIZE[1] * len(rows)),
+        dpi=DPI,
+        sharex=True,
+        squeeze=False,
+    )
     colour = {label: f"C{i % 10}" for i, label in enumerate(runs)}
     for i, row in enumerate(rows):
         keys = dict(PANELS)[row]
@@ -132,8 +140,15 @@ def draw(runs, title=None):
             ax = axes[i, j]
             for label, key, steps, values in data.get((row, split), []):
                 # eval has a handful of points: mark each one
-                ax.plot(steps, values, STYLES[keys.index(key)], color=colour[label], marker="o" if split == "eval" else None,
-                        markersize=3, label=f"{label}: {key}" if len(runs) > 1 else key)
+                ax.plot(
+                    steps,
+                    values,
+                    STYLES[keys.index(key)],
+                    color=colour[label],
+                    marker="o" if split == "eval" else None,
+                    markersize=3,
+                    label=f"{label}: {key}" if len(runs) > 1 else key,
+                )
             ax.set_title(f"{split}: {row}", fontsize=10)
             ax.grid(alpha=0.3)
             if ax.lines:
@@ -151,9 +166,13 @@ def default_output(folders):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Plot loss, p, mean log-probs and accuracies of train.py runs into one PNG.")
+    p = argparse.ArgumentParser(
+        description="Plot loss, p, mean log-probs and accuracies of train.py runs into one PNG."
+    )
     p.add_argument("runs", nargs="+", metavar="OUT", help="train.py --out folders (each holds metrics.jsonl)")
-    p.add_argument("--output", default=None, help="PNG to write (default: OUT/metrics.png for one run, ./runs.png for several)")
+    p.add_argument(
+        "--output", default=None, help="PNG to write (default: OUT/metrics.png for one run, ./runs.png for several)"
+    )
     p.add_argument("--title", default=None, help="title above the panels")
     args = p.parse_args(argv)
     try:

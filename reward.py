@@ -68,8 +68,9 @@ class RewardModel:
         """The token ids transformers' apply_chat_template(conversation + [assistant response], tokenize=True)
         gives with the reward model's template. prompt: a string (one user message) or a list of messages."""
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-        return self.tok.encode_prompt(messages + [{"role": "assistant", "content": response}],
-                                      add_generation_prompt=False)
+        return self.tok.encode_prompt(
+            messages + [{"role": "assistant", "content": response}], add_generation_prompt=False
+        )
 
     @torch.no_grad()
     def score_ids(self, sequences):
@@ -80,12 +81,13 @@ class RewardModel:
         out = [0.0] * len(sequences)
         size = self.batch_size if self.pad_token_id is not None else 1
         for start in range(0, len(order), size):
-            batch = order[start:start + size]
+            batch = order[start : start + size]
             T = len(sequences[batch[0]])
-            ids = torch.full((len(batch), T), self.pad_token_id if self.pad_token_id is not None else 0,
-                             dtype=torch.long)
+            ids = torch.full(
+                (len(batch), T), self.pad_token_id if self.pad_token_id is not None else 0, dtype=torch.long
+            )
             for row, i in enumerate(batch):
-                ids[row, :len(sequences[i])] = torch.as_tensor(sequences[i])
+                ids[row, : len(sequences[i])] = torch.as_tensor(sequences[i])
             scores = self.model(ids.to(device), self.pad_token_id)[:, 0].tolist()
             for i, s in zip(batch, scores):
                 out[i] = s
@@ -105,4 +107,3 @@ def _make_config(values, source):
     if n != 1:
         raise ConfigError(f"{source}: a reward model gives one score per answer (num_labels 1); this one has {n}")
     return LlamaConfig.from_values(values, source)
-

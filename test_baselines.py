@@ -112,7 +112,10 @@ def test_pair_rule_and_no_preference(name):
     scores are all equal gets loss 0 and no gradient."""
     logps = torch.tensor([[-0.5, -1.5, -0.2, -3.0], [-0.5, -1.5, -0.2, -3.0]], requires_grad=True)
     scores = torch.tensor([[3.0, 0.0, 2.0, 1.0], [2.0, 2.0, 2.0, 2.0]])
-    extra = lambda cols: {"ref_logps": torch.tensor([[-1.0, -1.0, -1.0, -1.0]])[:, cols], "lengths": torch.tensor([[3, 5, 7, 2]])[:, cols]}
+    extra = lambda cols: {
+        "ref_logps": torch.tensor([[-1.0, -1.0, -1.0, -1.0]])[:, cols],
+        "lengths": torch.tensor([[3, 5, 7, 2]])[:, cols],
+    }
     kw4 = {k: v.expand(2, -1) for k, v in extra([0, 1, 2, 3]).items()} if name == "dpo" else {}
     kw2 = extra([0, 1]) if name == "dpo" else {}
     loss = BASELINES[name](logps, scores, **kw4)
@@ -134,12 +137,16 @@ def test_simpo_hand_ties():
     groups = [([-1.0, -2.0, -2.0], [5.0, 5.0, 1.0]), ([-1.0, -2.0, -1.0], [5.0, 1.0, 1.0])]
     for logps, scores in groups:
         for order in itertools.permutations(range(3)):
-            loss = simpo(torch.tensor([logps])[:, order], torch.tensor([scores])[:, order], beta=2.0, gamma_beta_ratio=0.5)
+            loss = simpo(
+                torch.tensor([logps])[:, order], torch.tensor([scores])[:, order], beta=2.0, gamma_beta_ratio=0.5
+            )
             torch.testing.assert_close(loss, torch.tensor([expected]), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["simpo", "orpo", "dpo"])
-@pytest.mark.parametrize("scores, pairs", [((3.0, 1.0, 2.0, 1.0), [[0, 1], [0, 3]]), ((3.0, 1.0, 3.0, 2.0), [[0, 1], [2, 1]])])
+@pytest.mark.parametrize(
+    "scores, pairs", [((3.0, 1.0, 2.0, 1.0), [[0, 1], [0, 3]]), ((3.0, 1.0, 3.0, 2.0), [[0, 1], [2, 1]])]
+)
 def test_ties_average_the_pairs(name, scores, pairs):
     """Scores (3, 1, 2, 1): the worst ties between responses 1 and 3, so the loss is the mean of
     the two-response losses of (0, 1) and (0, 3); (3, 1, 3, 2): the best ties, the mean of (0, 1)
@@ -164,7 +171,7 @@ def test_order_invariance_with_ties(name):
     the gradient is permuted alike."""
     g = torch.Generator().manual_seed(1)
     B, K = 64, 5
-    logps = (-torch.rand(B, K, generator=g, dtype=torch.float64) * 3 - 0.01)
+    logps = -torch.rand(B, K, generator=g, dtype=torch.float64) * 3 - 0.01
     scores = torch.randint(0, 3, (B, K), generator=g).double()
     mask = torch.arange(K)[None] < torch.randint(2, K + 1, (B,), generator=g)[:, None]
     ref = -torch.rand(B, K, generator=g, dtype=torch.float64) * 3
@@ -202,9 +209,32 @@ def test_train_with_baseline(tiny, tmp_path, name):
     training loss falls. DPO's first logged loss is log 2 exactly as the derivation says: before
     the first update the policy is the reference, so every reward is 0."""
     out = tmp_path / name
-    argv = ["--model", tiny / "init", "--data", tiny / "train.jsonl", "--loss", name, "--out", out, "--batch_size", 32,
-            "--micro_batch_size", 32, "--lr", 3e-3, "--max_length", 64, "--max_prompt_length", 32, "--log_every", 1,
-            "--warmup_ratio", 0.0, "--epochs", 4]
+    argv = [
+        "--model",
+        tiny / "init",
+        "--data",
+        tiny / "train.jsonl",
+        "--loss",
+        name,
+        "--out",
+        out,
+        "--batch_size",
+        32,
+        "--micro_batch_size",
+        32,
+        "--lr",
+        3e-3,
+        "--max_length",
+        64,
+        "--max_prompt_length",
+        32,
+        "--log_every",
+        1,
+        "--warmup_ratio",
+        0.0,
+        "--epochs",
+        4,
+    ]
     run(*argv)
     rows = records(out, "train")
     assert len(rows) == 4

@@ -29,15 +29,31 @@ def test_bench_tiny_prints_the_table():
     the flag: auto takes dense-mask SDPA for these short groups)."""
     out = subprocess.run(
         [sys.executable, "bench.py", "--tiny", "--device", "cpu", "--attn_impl", "auto", "segments"],
-        cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300,
+        cwd=HERE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=300,
     )
     assert out.returncode == 0, out.stdout
     lines = [line for line in out.stdout.splitlines() if line.startswith("|")]
     header = [c.strip() for c in lines[0].strip("|").split("|")]
-    assert header == ["layout", "groups/s", "processed tok/s", "logical tok/s", "peak memory (GiB)", "MFU (measured matmul)"]
+    assert header == [
+        "layout",
+        "groups/s",
+        "processed tok/s",
+        "logical tok/s",
+        "peak memory (GiB)",
+        "MFU (measured matmul)",
+    ]
     rows = table_rows(out.stdout)
-    assert list(rows) == ["1. naive (padded, full logits)", "2. default (packed, chunked head)",
-                          "3. default (packed, chunked head), attention segments", "ratio 2 / 1", "ratio 3 / 1"]
+    assert list(rows) == [
+        "1. naive (padded, full logits)",
+        "2. default (packed, chunked head)",
+        "3. default (packed, chunked head), attention segments",
+        "ratio 2 / 1",
+        "ratio 3 / 1",
+    ]
     for name, cells in rows.items():
         assert len(cells) == len(header) - 1, name
         for cell in cells:
@@ -54,11 +70,18 @@ def test_bench_failed_layout_fails_its_row_and_the_exit_code():
     'attention of' line, and bench.py exits non-zero naming the layouts."""
     out = subprocess.run(
         [sys.executable, "bench.py", "--tiny", "--device", "cpu", "--timeout", "0.1"],
-        cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=300,
+        cwd=HERE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=300,
     )
     assert out.returncode == 1, out.stdout + out.stderr
     rows = table_rows(out.stdout)
-    assert rows == {"1. naive (padded, full logits)": ["failed"] * 5, "2. default (packed, chunked head)": ["failed"] * 5}
+    assert rows == {
+        "1. naive (padded, full logits)": ["failed"] * 5,
+        "2. default (packed, chunked head)": ["failed"] * 5,
+    }
     assert "attention of 1. naive: failed: timed out after 0.1 s" in out.stdout
     assert "error: naive, default:auto failed" in out.stderr
 
@@ -118,14 +141,27 @@ def test_bench_generate_tiny_prints_both_tables():
     """`python bench.py --generate --tiny --device cpu` exits 0 and prints the decoding table (one at a
     time, transformers' generate, batched, and the batched / transformers ratio) and the MT-Bench-like
     table (one at a time, batched, ratio), every rate finite and positive; timings are not asserted."""
-    out = subprocess.run([sys.executable, "bench.py", "--generate", "--tiny", "--device", "cpu"],
-                         cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "bench.py", "--generate", "--tiny", "--device", "cpu"],
+        cwd=HERE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stdout
     rows = table_rows(out.stdout)
     names = [n for n in rows if not n.startswith("---")]
-    assert names == ["1. one at a time (generate.generate), 2 sequence(s)", "2. transformers generate, batch 4",
-                     "3. batched (generate.generate_batch), batch 4", "ratio 3 / 2 (batched / transformers)",
-                     "answering", "one at a time", "batched, 4 questions per batch", "ratio"]
+    assert names == [
+        "1. one at a time (generate.generate), 2 sequence(s)",
+        "2. transformers generate, batch 4",
+        "3. batched (generate.generate_batch), batch 4",
+        "ratio 3 / 2 (batched / transformers)",
+        "answering",
+        "one at a time",
+        "batched, 4 questions per batch",
+        "ratio",
+    ]
     for name in names[:3] + names[5:7]:
         value = float(rows[name][1 if name in names[5:7] else 0])
         assert math.isfinite(value) and value > 0, name

@@ -61,8 +61,13 @@ def test_compact_set_equals_per_text_reference(tmp_path):
         compact, report = data.tokenize_set(groups, tok, max_length, max_prompt_length)
         expected = []
         for g in groups:
-            cut = data._truncate(tok.encode_prompt(g.prompt), [tok.encode_response(r) for r in g.responses],
-                                 max_length, max_prompt_length, tok.bos_id)
+            cut = data._truncate(
+                tok.encode_prompt(g.prompt),
+                [tok.encode_response(r) for r in g.responses],
+                max_length,
+                max_prompt_length,
+                tok.bos_id,
+            )
             if cut is not None:
                 expected.append((cut[0], cut[1], g.scores, g.line))
         assert as_lists(compact) == expected
@@ -98,8 +103,13 @@ def test_cache_hit_gives_identical_arrays(tmp_path):
         assert a.lines == plain.lines and a.score_span == plain.score_span
     assert summary == summary2 == plain_summary
     assert as_lists(second) == as_lists(plain)
-    assert os.listdir(cache) == [os.path.basename(data.cache_path(cache, json.loads(
-        open(os.path.join(cache, os.listdir(cache)[0], "header.json")).read())["key"]))]  # no temporary left
+    assert os.listdir(cache) == [
+        os.path.basename(
+            data.cache_path(
+                cache, json.loads(open(os.path.join(cache, os.listdir(cache)[0], "header.json")).read())["key"]
+            )
+        )
+    ]  # no temporary left
 
 
 def test_changed_tokenizer_template_length_or_data_misses(tmp_path):
@@ -189,10 +199,15 @@ def _rank_worker(rank, world, store, path, cache, out):
             return getattr(real, name)
 
     tok.tokenizer = Counting()
-    got, summary = data.load_tokenized(path, tok, 24, 16, cache_dir=cache, rank=rank, world=world,
-                                       gather=all_gather, log=lambda line: None)
-    np.savez(os.path.join(out, f"rank{rank}.npz"), encoded=sum(encoded), mapped=isinstance(got.tokens, np.memmap),
-             **got.arrays())
+    got, summary = data.load_tokenized(
+        path, tok, 24, 16, cache_dir=cache, rank=rank, world=world, gather=all_gather, log=lambda line: None
+    )
+    np.savez(
+        os.path.join(out, f"rank{rank}.npz"),
+        encoded=sum(encoded),
+        mapped=isinstance(got.tokens, np.memmap),
+        **got.arrays(),
+    )
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump({"lines": got.lines, "summary": summary}, f)
     dist.destroy_process_group()
@@ -209,8 +224,9 @@ def test_two_gloo_ranks_split_tokenizing_and_end_identical(tmp_path):
     groups, _ = read_groups(path)
     half = [sum(1 + len(g.responses) for g in share) for share in (groups[:100], groups[100:])]
     # forked, not spawned: a spawned child re-imports torch (seconds); the tokenizer turns its threads off in a fork
-    mp.start_processes(_rank_worker, args=(2, str(tmp_path / "store"), path, cache, str(tmp_path)), nprocs=2,
-                       start_method="fork")
+    mp.start_processes(
+        _rank_worker, args=(2, str(tmp_path / "store"), path, cache, str(tmp_path)), nprocs=2, start_method="fork"
+    )
     counts = []
     for rank in range(2):
         got = np.load(tmp_path / f"rank{rank}.npz")
@@ -230,8 +246,9 @@ def test_cli_writes_the_cache_train_reads(tmp_path, capsys):
     that folder, and its groups equal a load without cache."""
     tok = ChatTokenizer.from_pretrained(DEMO)
     path, cache = demo_rows(tmp_path / "d.jsonl"), str(tmp_path / "cache")
-    data.main(["--model", DEMO, "--data", path, "--max_length", "24", "--max_prompt_length", "16",
-               "--cache_dir", cache])
+    data.main(
+        ["--model", DEMO, "--data", path, "--max_length", "24", "--max_prompt_length", "16", "--cache_dir", cache]
+    )
     out = capsys.readouterr().out
     (folder,) = [os.path.join(cache, f) for f in os.listdir(cache)]
     assert f"cache: {folder}" in out
@@ -264,8 +281,9 @@ def test_cli_cuts_long_texts_before_tokenizing(tmp_path, capsys):
     tok.tokenizer = Spy()
     with pytest.MonkeyPatch.context() as m:
         m.setattr(data.ChatTokenizer, "from_pretrained", classmethod(lambda cls, *a, **k: tok))
-        data.main(["--model", DEMO, "--data", str(path), "--max_length", "40", "--max_prompt_length", "30",
-                   "--no_cache"])
+        data.main(
+            ["--model", DEMO, "--data", str(path), "--max_length", "40", "--max_prompt_length", "30", "--no_cache"]
+        )
     out = capsys.readouterr().out
     assert longest and max(longest) <= bound + len(tok.bos_token) and len(long_text) > 10 * bound
     assert "2 texts were cut to the character bound" in out
@@ -285,9 +303,32 @@ def test_train_from_the_cache_equals_no_cache_dpo(tmp_path, capsys):
     from conftest import run, save_demo_llama, weights
 
     model = save_demo_llama(tmp_path / "init")
-    flags = ["--model", model, "--data", demo_rows(tmp_path / "d.jsonl", 64), "--loss", "dpo", "--batch_size", 8,
-             "--micro_batch_size", 4, "--lr", 1e-3, "--max_length", 24, "--max_prompt_length", 16, "--max_steps", 3,
-             "--log_every", 1, "--warmup_ratio", 0.0, "--seed", 0]
+    flags = [
+        "--model",
+        model,
+        "--data",
+        demo_rows(tmp_path / "d.jsonl", 64),
+        "--loss",
+        "dpo",
+        "--batch_size",
+        8,
+        "--micro_batch_size",
+        4,
+        "--lr",
+        1e-3,
+        "--max_length",
+        24,
+        "--max_prompt_length",
+        16,
+        "--max_steps",
+        3,
+        "--log_every",
+        1,
+        "--warmup_ratio",
+        0.0,
+        "--seed",
+        0,
+    ]
     cache = tmp_path / "cache"
     first = weights(run(*flags, "--out", tmp_path / "first", "--cache_dir", cache))
     assert "wrote the cache" in capsys.readouterr().out

@@ -22,7 +22,12 @@ from checkpoint import checkpoints
 from conftest import HERE, common, records, run, run_cli, weights
 from hf_format import MARKER
 
-CRASH_RUN = {"--loss": "pair_single", "--max_steps": 4, "--save_every": 2, "--save_total_limit": 3}  # checkpoint-2, final/
+CRASH_RUN = {
+    "--loss": "pair_single",
+    "--max_steps": 4,
+    "--save_every": 2,
+    "--save_total_limit": 3,
+}  # checkpoint-2, final/
 FULL_RUN = {**CRASH_RUN, "--max_steps": 5}  # checkpoint-2, checkpoint-4, final/
 
 
@@ -116,7 +121,11 @@ def test_stale_temporary_folders_are_removed(setup, full, tmp_path):
     (out / "checkpoint-4.tmp" / MARKER).write_text("")
     (out / "checkpoint-4.tmp" / "model-00001-of-00001.safetensors").write_text("x")
     run(*common(setup, out, **FULL_RUN), "--resume")
-    assert sorted(p for p in os.listdir(out) if not p.startswith("checkpoint-")) == ["args.json", "final", "metrics.jsonl"]
+    assert sorted(p for p in os.listdir(out) if not p.startswith("checkpoint-")) == [
+        "args.json",
+        "final",
+        "metrics.jsonl",
+    ]
     assert not (out / "checkpoint-4.tmp").exists()
     end, got = weights(full / "final"), weights(out / "final")
     assert all(torch.equal(end[n], got[n]) for n in end)
@@ -151,13 +160,21 @@ def test_truncated_trainer_state_falls_back(setup, full, tmp_path):
     state.write_bytes(state.read_bytes()[:100])
     r = run_cli(*common(setup, out, **FULL_RUN), "--resume")
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "checkpoint-4/trainer_state.pt: unreadable" in r.stdout and "resumed from" in r.stdout and "checkpoint-2" in r.stdout
+    assert (
+        "checkpoint-4/trainer_state.pt: unreadable" in r.stdout
+        and "resumed from" in r.stdout
+        and "checkpoint-2" in r.stdout
+    )
     end, got = weights(full / "final"), weights(out / "final")
     assert all(torch.equal(end[n], got[n]) for n in end)
     for ckpt in ("checkpoint-2", "checkpoint-4"):
         (out / ckpt / "trainer_state.pt").write_bytes(b"not a checkpoint")
     r = run_cli(*common(setup, out, **FULL_RUN), "--resume")
-    assert r.returncode == 1 and "Traceback" not in r.stderr and "no usable checkpoint" in r.stderr.strip().splitlines()[-1]
+    assert (
+        r.returncode == 1
+        and "Traceback" not in r.stderr
+        and "no usable checkpoint" in r.stderr.strip().splitlines()[-1]
+    )
 
 
 def test_nan_mid_run_stops_with_the_checkpoint_intact(setup, crashless, tmp_path, monkeypatch):
@@ -186,7 +203,13 @@ def test_evaluation_never_changes_the_run(setup, tmp_path):
     """Pair-Single with evaluation every step (its own negatives drawn too) ends with the same
     weights as without evaluation."""
     run(*common(setup, tmp_path / "a", **{"--loss": "pair_single", "--max_steps": 3}))
-    run(*common(setup, tmp_path / "b", **{"--loss": "pair_single", "--max_steps": 3, "--eval_data": setup["data"], "--eval_every": 1}))
+    run(
+        *common(
+            setup,
+            tmp_path / "b",
+            **{"--loss": "pair_single", "--max_steps": 3, "--eval_data": setup["data"], "--eval_every": 1},
+        )
+    )
     a, b = weights(tmp_path / "a" / "final"), weights(tmp_path / "b" / "final")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert len(records(tmp_path / "b", "eval")) == 4  # steps 0, 1, 2 and the final one
@@ -197,8 +220,13 @@ def test_ctrl_c_is_one_line_naming_the_checkpoint(setup, tmp_path):
     out = tmp_path / "o"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     argv = common(setup, out, **{"--loss": "pair_mnm", "--max_steps": 100000, "--save_every": 1, "--log_every": 1000})
-    p = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *map(str, argv)], env=env,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [sys.executable, os.path.join(HERE, "train.py"), *map(str, argv)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 300
     while not checkpoints(out) and time.time() < deadline and p.poll() is None:
         time.sleep(0.2)
@@ -206,7 +234,11 @@ def test_ctrl_c_is_one_line_naming_the_checkpoint(setup, tmp_path):
     _, err = p.communicate(timeout=120)
     assert p.returncode == 1 and "Traceback" not in err, err[-2000:]
     last = err.strip().splitlines()[-1]
-    assert last.startswith("error: interrupted at step") and "--resume would continue from" in last and "checkpoint-" in last
+    assert (
+        last.startswith("error: interrupted at step")
+        and "--resume would continue from" in last
+        and "checkpoint-" in last
+    )
 
 
 def bad_model(setup, tmp_path, fault):
@@ -228,9 +260,16 @@ def bad_model(setup, tmp_path, fault):
     return model
 
 
-@pytest.mark.parametrize("fault, names", [("config_json", "config.json"), ("hidden_act", "hidden_act"),
-                                          ("hidden_size_str", "hidden_size"), ("truncated_weights", ".safetensors"),
-                                          ("tokenizer_json", "tokenizer.json")])
+@pytest.mark.parametrize(
+    "fault, names",
+    [
+        ("config_json", "config.json"),
+        ("hidden_act", "hidden_act"),
+        ("hidden_size_str", "hidden_size"),
+        ("truncated_weights", ".safetensors"),
+        ("tokenizer_json", "tokenizer.json"),
+    ],
+)
 def test_model_folder_faults_are_one_line_before_any_data_work(setup, tmp_path, fault, names):
     """Each fault in the model folder: exit 1, one line naming the file and key, no traceback, and
     nothing read from the data yet (the data summary is never printed)."""
@@ -242,12 +281,21 @@ def test_model_folder_faults_are_one_line_before_any_data_work(setup, tmp_path, 
     assert "groups" not in r.stdout
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--lr", "nan"], "--lr nan"), (["--log_every", "0"], "--log_every 0"), (["--chunk_size", "0"], "--chunk_size 0"),
-    (["--device", "gpu"], "--device gpu"), (["--max_steps", "-1"], "--max_steps -1"), (["--epochs", "0", "--max_steps", "0"], "--epochs 0"),
-    (["--dtype", "float16"], "bfloat16"), (["--device", "cuda"], "no CUDA"), (["--out", "FILE"], "is a file"),
-    (["--out", "FILE/sub"], "cannot write there"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--lr", "nan"], "--lr nan"),
+        (["--log_every", "0"], "--log_every 0"),
+        (["--chunk_size", "0"], "--chunk_size 0"),
+        (["--device", "gpu"], "--device gpu"),
+        (["--max_steps", "-1"], "--max_steps -1"),
+        (["--epochs", "0", "--max_steps", "0"], "--epochs 0"),
+        (["--dtype", "float16"], "bfloat16"),
+        (["--device", "cuda"], "no CUDA"),
+        (["--out", "FILE"], "is a file"),
+        (["--out", "FILE/sub"], "cannot write there"),
+    ],
+)
 def test_bad_flags_fail_in_one_line_before_loading(setup, tmp_path, flags, message):
     """Bad flags: exit 1 with one line naming the flag, before any data or model is read."""
     if torch.cuda.is_available() and "cuda" in flags:

@@ -28,7 +28,7 @@ def test_help_states_each_default_once(name, capsys):
     """Each option's entry in `python NAME.py --help` (the block from its flag to the next flag) holds
     "(default:" at most once, and most options state one."""
     text = help_text(name, capsys)
-    options = text[text.index("options:"):]
+    options = text[text.index("options:") :]
     entries = re.split(r"\n  (?=-)", options)[1:]
     assert len(entries) >= 2, text
     counts = {entry.split()[0]: entry.count("(default:") for entry in entries}

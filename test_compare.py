@@ -29,11 +29,19 @@ def quick(tmp_path_factory):
 def test_choose_takes_the_best_validation_metric():
     """Hand-made validation metrics: the highest selection metric wins; equal ones are split by
     pairwise accuracy, then by the lower rate; a rate that lacks the metric never wins."""
-    by_lr = {1e-4: {"gen_success": 0.30, "pair_acc": 0.9}, 3e-4: {"gen_success": 0.55, "pair_acc": 0.7},
-             1e-3: {"gen_success": 0.50, "pair_acc": 0.99}, 3e-3: {"pair_acc": 1.0}}
+    by_lr = {
+        1e-4: {"gen_success": 0.30, "pair_acc": 0.9},
+        3e-4: {"gen_success": 0.55, "pair_acc": 0.7},
+        1e-3: {"gen_success": 0.50, "pair_acc": 0.99},
+        3e-3: {"pair_acc": 1.0},
+    }
     assert compare.choose(by_lr, "gen_success") == 3e-4
     assert compare.choose(by_lr, "pair_acc") == 3e-3
-    tied = {1e-4: {"gen_success": 0.5, "pair_acc": 0.8}, 3e-4: {"gen_success": 0.5, "pair_acc": 0.9}, 1e-3: {"gen_success": 0.5, "pair_acc": 0.9}}
+    tied = {
+        1e-4: {"gen_success": 0.5, "pair_acc": 0.8},
+        3e-4: {"gen_success": 0.5, "pair_acc": 0.9},
+        1e-3: {"gen_success": 0.5, "pair_acc": 0.9},
+    }
     assert compare.choose(tied, "gen_success") == 3e-4
     assert compare.choose({None: {"pair_acc": 0.5}}, "gen_success") is None
 
@@ -71,7 +79,9 @@ def test_quick_end_to_end(quick):
     report = (out / "results.md").read_text()
     table = report.split("## Learning rate")[0]
     rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| method")]
-    assert [r.split(" | ")[0].strip("| *") for r in rows] == ["SFT (start)"] + [compare.NAMES[m] for m in compare.METHODS]
+    assert [r.split(" | ")[0].strip("| *") for r in rows] == ["SFT (start)"] + [
+        compare.NAMES[m] for m in compare.METHODS
+    ]
     assert "| **Pair-MNM** |" in report and "| 6.16 | 21.6 |" in report and "DPO beta 0.1" in report
     with open(out / "runs.csv") as f:
         runs = list(csv.DictReader(f))
@@ -86,15 +96,33 @@ def test_quick_end_to_end(quick):
         mine = [r for r in runs if r["method"] == method]
         assert [r["lr"] for r in mine if r["chosen"] == "1"] == [best]
         run = out / "runs" / method / f"lr-{best}" / "seed-0"
-        reference = evaluation.main(["--model", str(run / "final"), "--data", str(out / "data" / "eval.jsonl"), "--bootstrap", "0",
-                                     "--max_length", "64", "--max_prompt_length", "32", "--device", "cpu", "--dtype", "float32"])["metrics"]
+        reference = evaluation.main(
+            [
+                "--model",
+                str(run / "final"),
+                "--data",
+                str(out / "data" / "eval.jsonl"),
+                "--bootstrap",
+                "0",
+                "--max_length",
+                "64",
+                "--max_prompt_length",
+                "32",
+                "--device",
+                "cpu",
+                "--dtype",
+                "float32",
+            ]
+        )["metrics"]
         test = results[method][0]
         for key in ("top1_acc", "pair_acc", "p_chosen", "p_rejected"):
             assert test[key] == pytest.approx(reference[key], abs=1e-5)
         row = next(r for r in rows if r.split(" | ")[0].strip("| *") == compare.NAMES[method])
         cells = row.strip("|").split(" | ")
         assert cells[1] == best
-        assert cells[2:7] == [f"{test[k]:.3f}" for k in ("gen_success", "pair_acc", "top1_acc", "p_chosen", "p_rejected")]
+        assert cells[2:7] == [
+            f"{test[k]:.3f}" for k in ("gen_success", "pair_acc", "top1_acc", "p_chosen", "p_rejected")
+        ]
         chosen = next(r for r in mine if r["chosen"] == "1")
         assert float(chosen["test_pair_acc"]) == pytest.approx(test["pair_acc"], abs=1e-12)
         assert float(chosen["valid_gen_success"]) == pytest.approx(grid[best][0], abs=1e-12)
@@ -129,10 +157,39 @@ def test_pass_through_with_launcher(quick, tmp_path):
     table reports the validation split). The logged learning rate shows the method's flags
     arrived: --lr 2e-3 without warmup, after 1 of 2 cosine steps, is 2e-3 * 0.5."""
     out, _ = quick
-    flags = ["--model", str(out / "sft" / "final"), "--data", str(out / "data" / "train.jsonl"), "--eval_data", str(out / "data" / "valid.jsonl"),
-             "--batch_size", "32", "--micro_batch_size", "32", "--max_length", "64", "--max_prompt_length", "32", "--log_every", "1"]
-    results = compare.main(["--methods", "simpo", "--seeds", "3", "--out", str(tmp_path), "--launcher", sys.executable,
-                            "--method_flags", "simpo=--beta 1.5 --lr 2e-3 --warmup_ratio 0", *flags])
+    flags = [
+        "--model",
+        str(out / "sft" / "final"),
+        "--data",
+        str(out / "data" / "train.jsonl"),
+        "--eval_data",
+        str(out / "data" / "valid.jsonl"),
+        "--batch_size",
+        "32",
+        "--micro_batch_size",
+        "32",
+        "--max_length",
+        "64",
+        "--max_prompt_length",
+        "32",
+        "--log_every",
+        "1",
+    ]
+    results = compare.main(
+        [
+            "--methods",
+            "simpo",
+            "--seeds",
+            "3",
+            "--out",
+            str(tmp_path),
+            "--launcher",
+            sys.executable,
+            "--method_flags",
+            "simpo=--beta 1.5 --lr 2e-3 --warmup_ratio 0",
+            *flags,
+        ]
+    )
     assert list(results) == ["simpo"] and len(results["simpo"]) == 1
     train = records(tmp_path / "runs" / "simpo" / "lr-0.002" / "seed-3", "train")
     assert len(train) == 2  # 64 groups, 32 per step, one epoch

@@ -37,9 +37,34 @@ def tiny(tmp_path_factory):
     if error:
         pytest.skip(f"torch.compile does not work on this machine: {error}")
     root = tmp_path_factory.mktemp("compile")
-    args = ["--model", save_demo_llama(root / "init"), "--data", copy_demo_rows("train.jsonl", 4, root / "train.jsonl"),
-            "--loss", "pair_mnm", "--batch_size", 4, "--micro_batch_size", 4, "--max_steps", 2, "--lr", LR, "--attn_impl", "sdpa",
-            "--warmup_ratio", 0, "--max_length", 64, "--max_prompt_length", 32, "--log_every", 1, "--seed", 0]
+    args = [
+        "--model",
+        save_demo_llama(root / "init"),
+        "--data",
+        copy_demo_rows("train.jsonl", 4, root / "train.jsonl"),
+        "--loss",
+        "pair_mnm",
+        "--batch_size",
+        4,
+        "--micro_batch_size",
+        4,
+        "--max_steps",
+        2,
+        "--lr",
+        LR,
+        "--attn_impl",
+        "sdpa",
+        "--warmup_ratio",
+        0,
+        "--max_length",
+        64,
+        "--max_prompt_length",
+        32,
+        "--log_every",
+        1,
+        "--seed",
+        0,
+    ]
     return root, args
 
 
@@ -54,7 +79,9 @@ def test_compiled_blocks_train_like_eager(tiny, fsdp):
     extra = ["--fsdp"] if fsdp else []
     try:
         for name in ("eager", "compiled"):
-            run(*args, "--out", root / f"{name}{'_fsdp' * fsdp}", *extra, *(["--compile"] if name == "compiled" else []))
+            run(
+                *args, "--out", root / f"{name}{'_fsdp' * fsdp}", *extra, *(["--compile"] if name == "compiled" else [])
+            )
     finally:
         if dist.is_initialized():  # --fsdp in one process made a group of one; later tests expect none
             dist.destroy_process_group()

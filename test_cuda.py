@@ -31,16 +31,39 @@ from packing import packed_batch, response_logps
 
 DEVICE = os.environ.get("MPPO_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else None)
 ON_CPU = DEVICE is not None and torch.device(DEVICE).type == "cpu"
-pytestmark = pytest.mark.skipif(DEVICE is None, reason="needs a CUDA GPU (MPPO_TEST_DEVICE=cpu runs these on CPU as a dry run)")
-IMPLS = ["sdpa", "segments", pytest.param("flex", marks=pytest.mark.skipif(ON_CPU, reason="torch has no flex_attention backward on CPU"))]
+pytestmark = pytest.mark.skipif(
+    DEVICE is None, reason="needs a CUDA GPU (MPPO_TEST_DEVICE=cpu runs these on CPU as a dry run)"
+)
+IMPLS = [
+    "sdpa",
+    "segments",
+    pytest.param("flex", marks=pytest.mark.skipif(ON_CPU, reason="torch has no flex_attention backward on CPU")),
+]
 
 # Llama-3-like in miniature: GQA (4 query heads, 2 key/value heads), head_dim 128 as in Llama 3 (the
 # size the fused GPU attention kernels are tuned for), llama3 RoPE scaling active beyond 64 positions
-SHAPE = dict(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, head_dim=128, max_position_embeddings=1024, rms_norm_eps=1e-5, tie_word_embeddings=False,
-             bos_token_id=1, eos_token_id=2)
-ROPE = dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-            original_max_position_embeddings=64)
+SHAPE = dict(
+    vocab_size=256,
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=128,
+    max_position_embeddings=1024,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+ROPE = dict(
+    rope_type="llama3",
+    rope_theta=500000.0,
+    factor=8.0,
+    low_freq_factor=1.0,
+    high_freq_factor=4.0,
+    original_max_position_embeddings=64,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -112,7 +135,10 @@ def test_parity_with_transformers_bf16(checkpoint):
     ours_mean = (logits.float() - ref).abs().mean().item()
     hf_mean = (hf_bf16.float() - ref).abs().mean().item()
     assert ours_max > 0 and hf_max > 0
-    msg = f"bf16 error against float32: ours max {ours_max:.3g} mean {ours_mean:.3g}; transformers max {hf_max:.3g} mean {hf_mean:.3g}"
+    msg = (
+        f"bf16 error against float32: ours max {ours_max:.3g} mean {ours_mean:.3g}; "
+        f"transformers max {hf_max:.3g} mean {hf_mean:.3g}"
+    )
     assert ours_max <= 2 * hf_max + 1e-2, msg
     assert ours_mean <= 2 * hf_mean + 1e-3, msg
 
@@ -122,7 +148,9 @@ def test_parity_with_transformers_bf16(checkpoint):
 
 
 def model_on_device(dtype=torch.float32, seed=0):
-    config = LlamaConfig(**SHAPE, rope_theta=ROPE["rope_theta"], rope_scaling={k: v for k, v in ROPE.items() if k != "rope_theta"})
+    config = LlamaConfig(
+        **SHAPE, rope_theta=ROPE["rope_theta"], rope_scaling={k: v for k, v in ROPE.items() if k != "rope_theta"}
+    )
     with torch.device("cpu"):
         model = spread_weights(Llama(config), seed)
     return model.to(device=DEVICE, dtype=dtype)
@@ -140,8 +168,13 @@ def random_groups(seed, num_groups=4):
     groups = []
     for _ in range(num_groups):
         K = int(torch.randint(2, 6, (), generator=g))
-        groups.append(SimpleNamespace(prompt_ids=ids(1, 160), response_ids=[ids(1, 120) for _ in range(K)],
-                                      scores=torch.rand(K, generator=g).tolist()))
+        groups.append(
+            SimpleNamespace(
+                prompt_ids=ids(1, 160),
+                response_ids=[ids(1, 120) for _ in range(K)],
+                scores=torch.rand(K, generator=g).tolist(),
+            )
+        )
     return groups
 
 
@@ -156,7 +189,9 @@ def loop_logps(model, groups):
             ids = torch.tensor([g.prompt_ids + r], device=DEVICE)  # (1, P + L)
             logprobs = model(ids)[0].float().log_softmax(-1)  # (P + L, V)
             targets = torch.tensor(r, device=DEVICE)
-            row.append(logprobs[P - 1 : P - 1 + len(r)].gather(1, targets[:, None]).mean())  # token P + j from position P + j - 1
+            row.append(
+                logprobs[P - 1 : P - 1 + len(r)].gather(1, targets[:, None]).mean()
+            )  # token P + j from position P + j - 1
         rows.append(torch.stack(row + [torch.zeros((), device=DEVICE)] * (K - len(row))))
     return torch.stack(rows)
 
@@ -206,7 +241,9 @@ def test_packed_bf16_matches_loop(attn_impl, mode):
     summation orders (seen on CPU), the mean by ~1.25x; a response gone wrong moves both."""
     model = model_on_device(torch.bfloat16 if mode == "bf16" else torch.float32)
     exact = model_on_device()
-    exact.load_state_dict({k: v.float() for k, v in model.state_dict().items()})  # the same (bf16-rounded) weights, float32
+    exact.load_state_dict(
+        {k: v.float() for k, v in model.state_dict().items()}
+    )  # the same (bf16-rounded) weights, float32
     groups = random_groups(seed=3)
     mask = packed_batch(groups).mask.to(DEVICE)
     weights = torch.randn(mask.shape, generator=torch.Generator().manual_seed(4)).to(DEVICE) * mask

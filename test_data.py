@@ -34,6 +34,7 @@ def cache_in_tmp(tmp_path, monkeypatch):
     """python data.py writes the tokenized set to the cache: here into the test's folder, never the user's home."""
     monkeypatch.setenv("MPPO_CACHE", str(tmp_path / "mppo-cache"))
 
+
 # The special tokens of Llama 3 and of ChatML (Qwen2), with the byte tokenizer's ids.
 LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 BOT, EOTX, SH, EH, EOT = 256, 257, 258, 259, 260
@@ -59,8 +60,10 @@ CHATML_BOS_TEMPLATE = (
     "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 # Llama 3's pre-tokenizer split: newlines form their own pre-tokens, so "\n\n" never merges with the text after it.
-LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
-                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+    r"\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 
 def byte_chars():
@@ -75,13 +78,19 @@ def byte_chars():
 
 
 def finish(tok, specials, bos_post):
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(specials)
     if bos_post:  # like Llama 3's tokenizer.json: the post-processor adds BOS when asked for special tokens
         bos = specials[0] if specials[0] != "<|endoftext|>" else "<s>"
-        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tok.token_to_id(bos))])
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tok.token_to_id(bos))]
+        )
     return tok
 
 
@@ -91,16 +100,23 @@ def byte_tokenizer(specials, bos_post=False):
 
 
 CORPUS = [
-    "The capital of France is Paris.\n\nParis is a city.", "Hello there!\n\nHow are you today?",
-    "user\n\nassistant\n\nsystem\n\n", "Tell me a joke about the weather.\n", "Line one\n\nLine two\n\nLine three",
-    "You are a helpful assistant. You are terse.", "  indented text\n  more text\n\n",
+    "The capital of France is Paris.\n\nParis is a city.",
+    "Hello there!\n\nHow are you today?",
+    "user\n\nassistant\n\nsystem\n\n",
+    "Tell me a joke about the weather.\n",
+    "Line one\n\nLine two\n\nLine three",
+    "You are a helpful assistant. You are terse.",
+    "  indented text\n  more text\n\n",
 ] * 20
 
 
 def trained_tokenizer(specials, bos_post=False):
     tok = Tokenizer(models.BPE())
     finish(tok, [], False)
-    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=420, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok.train_from_iterator(
+        CORPUS,
+        trainers.BpeTrainer(vocab_size=420, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False),
+    )
     assert tok.token_to_id("ĊĊ") is not None  # "\n\n" is one token, so a bad boundary would show
     return finish(tok, specials, bos_post)
 
@@ -151,8 +167,10 @@ def test_llama3_single_turn_exact(tmp_path):
     """Llama 3, one user turn: the rendered string and ids against ones written out by hand from Meta's format."""
     tok = ChatTokenizer.from_pretrained(llama3_dir(tmp_path))
     assert tok.template == "llama3" and tok.bos_id == BOT and tok.eos_id == EOT
-    text = ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
-            "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    text = (
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
     assert tok.render_prompt("Hi") == text
     assert tok.encode_prompt("Hi") == [BOT, SH, *B("user"), EH, *B("\n\nHi"), EOT, SH, *B("assistant"), EH, *B("\n\n")]
     assert tok.encode_prompt([{"role": "user", "content": "Hi"}]) == tok.encode_prompt("Hi")
@@ -161,17 +179,28 @@ def test_llama3_single_turn_exact(tmp_path):
 def test_llama3_multi_turn_with_system_exact(tmp_path):
     """Llama 3, system + earlier turns: one BOS, every content stripped (the template's `trim`), ids by hand."""
     tok = ChatTokenizer.from_pretrained(llama3_dir(tmp_path))
+
     def turn(role, text):
         return [SH, *B(role), EH, *B("\n\n" + text), EOT]
 
-    expected = [BOT, *turn("system", "You are terse."), *turn("user", "Hi there"), *turn("assistant", "Hello!"),
-                *turn("user", "Tell me a joke."), SH, *B("assistant"), EH, *B("\n\n")]
+    expected = [
+        BOT,
+        *turn("system", "You are terse."),
+        *turn("user", "Hi there"),
+        *turn("assistant", "Hello!"),
+        *turn("user", "Tell me a joke."),
+        SH,
+        *B("assistant"),
+        EH,
+        *B("\n\n"),
+    ]
     assert tok.encode_prompt(CONVERSATION) == expected
     assert tok.render_prompt(CONVERSATION, add_generation_prompt=False) == (
         "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nYou are terse.<|eot_id|>"
         "<|start_header_id|>user<|end_header_id|>\n\nHi there<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\nHello!<|eot_id|>"
-        "<|start_header_id|>user<|end_header_id|>\n\nTell me a joke.<|eot_id|>")
+        "<|start_header_id|>user<|end_header_id|>\n\nTell me a joke.<|eot_id|>"
+    )
     # the response as scored: stripped content + <|eot_id|>; with the header when asked
     assert tok.encode_response(" Paris.\n") == [*B("Paris."), EOT]
     assert tok.encode_response(" Paris.\n", include_header=True) == [SH, *B("assistant"), EH, *B("\n\nParis."), EOT]
@@ -182,16 +211,34 @@ def test_chatml_default_system_exact(tmp_path):
     no BOS; the response is content + <|im_end|>, unstripped. Ids by hand."""
     tok = ChatTokenizer.from_pretrained(chatml_dir(tmp_path))
     assert tok.template == "chatml" and tok.bos_id is None and tok.eos_id == IME and tok.pad_id == ENDTEXT
-    assert tok.render_prompt("Hi") == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-                                       "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
-    assert tok.encode_prompt("Hi") == [IMS, *B("system\nYou are a helpful assistant."), IME, *B("\n"),
-                                       IMS, *B("user\nHi"), IME, *B("\n"), IMS, *B("assistant\n")]
+    assert tok.render_prompt("Hi") == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert tok.encode_prompt("Hi") == [
+        IMS,
+        *B("system\nYou are a helpful assistant."),
+        IME,
+        *B("\n"),
+        IMS,
+        *B("user\nHi"),
+        IME,
+        *B("\n"),
+        IMS,
+        *B("assistant\n"),
+    ]
+
     def turn(role, text):
         return [IMS, *B(f"{role}\n{text}"), IME, *B("\n")]
 
-    assert tok.encode_prompt(CONVERSATION) == [*turn("system", "You are terse."), *turn("user", "Hi there"),
-                                               *turn("assistant", " Hello! "), *turn("user", "  Tell me a joke.\n"),
-                                               IMS, *B("assistant\n")]
+    assert tok.encode_prompt(CONVERSATION) == [
+        *turn("system", "You are terse."),
+        *turn("user", "Hi there"),
+        *turn("assistant", " Hello! "),
+        *turn("user", "  Tell me a joke.\n"),
+        IMS,
+        *B("assistant\n"),
+    ]
     assert tok.encode_response(" Paris.\n") == [*B(" Paris.\n"), IME]
     assert tok.encode_response("Paris.", include_header=True) == [IMS, *B("assistant\nParis."), IME]
 
@@ -207,14 +254,18 @@ def test_exactly_one_bos_with_bos_adding_post_processor(tmp_path, kind):
     if kind == "llama3":
         tok = ChatTokenizer.from_pretrained(llama3_dir(tmp_path, raw))
     elif kind == "chatml_bos":
-        tok = ChatTokenizer.from_pretrained(write_checkpoint(tmp_path, raw, {"bos_token": "<s>", "eos_token": "<|im_end|>", "chat_template": CHATML_BOS_TEMPLATE}))
+        tok = ChatTokenizer.from_pretrained(
+            write_checkpoint(
+                tmp_path, raw, {"bos_token": "<s>", "eos_token": "<|im_end|>", "chat_template": CHATML_BOS_TEMPLATE}
+            )
+        )
         assert tok.encode_prompt("Hi") == [S, IMS, *B("user\nHi"), IME, *B("\n"), IMS, *B("assistant\n")]
     else:
         tok = ChatTokenizer.from_pretrained(llama3_dir(tmp_path, raw, template=None))
         assert tok.template == "none"
         assert tok.encode_prompt("Q: 2+2?\nA:") == [BOT, *B("Q: 2+2?\nA:")]
         assert tok.encode_response(" 4") == [*B(" 4"), EOT]  # raw text ends with eos
-    for prompt in ("Hi", CONVERSATION)[:1 if kind == "none" else 2]:
+    for prompt in ("Hi", CONVERSATION)[: 1 if kind == "none" else 2]:
         ids = tok.encode_prompt(prompt)
         assert ids[0] == bos and ids.count(bos) == 1
 
@@ -223,11 +274,21 @@ def test_exactly_one_bos_with_bos_adding_post_processor(tmp_path, kind):
 # Parity with transformers' apply_chat_template
 
 ANSWERS = ["Paris is the capital.\n", "  Why did the weather tell a joke? ", "Line one\n\nLine two"]
-PROMPTS = ["What is the capital of France?", CONVERSATION,
-           [{"role": "user", "content": "Line one\n\nLine two"}, {"role": "assistant", "content": "Sure."}, {"role": "user", "content": "Again?"}]]
+PROMPTS = [
+    "What is the capital of France?",
+    CONVERSATION,
+    [
+        {"role": "user", "content": "Line one\n\nLine two"},
+        {"role": "assistant", "content": "Sure."},
+        {"role": "user", "content": "Again?"},
+    ],
+]
 
 
-@pytest.mark.parametrize("kind,bos_post", [("llama3", False), ("llama3", True), ("chatml", False), ("chatml_bos", True), ("chatml_jinja", False)])
+@pytest.mark.parametrize(
+    "kind,bos_post",
+    [("llama3", False), ("llama3", True), ("chatml", False), ("chatml_bos", True), ("chatml_jinja", False)],
+)
 def test_ids_equal_apply_chat_template(tmp_path, kind, bos_post):
     """Against transformers: AutoTokenizer loads the same checkpoint directory (so it reads the same config files),
     and apply_chat_template(tokenize=True) must equal our ids, for prompts with the generation prompt, for the
@@ -242,14 +303,21 @@ def test_ids_equal_apply_chat_template(tmp_path, kind, bos_post):
     elif kind == "chatml_jinja":  # the template in chat_template.jinja, which newer transformers save
         path = chatml_dir(tmp_path, trained_tokenizer(CHATML_SPECIALS), template=None, jinja=CHATML_TEMPLATE)
     else:
-        path = write_checkpoint(tmp_path, trained_tokenizer(CHATML_SPECIALS, bos_post),
-                                {"bos_token": "<s>", "eos_token": "<|im_end|>", "chat_template": CHATML_BOS_TEMPLATE})
+        path = write_checkpoint(
+            tmp_path,
+            trained_tokenizer(CHATML_SPECIALS, bos_post),
+            {"bos_token": "<s>", "eos_token": "<|im_end|>", "chat_template": CHATML_BOS_TEMPLATE},
+        )
     hf = transformers.AutoTokenizer.from_pretrained(path)
     tok = ChatTokenizer.from_pretrained(path)
     assert tok.template == ("llama3" if kind == "llama3" else "chatml")
 
     def hf_ids(messages, add_generation_prompt=False):
-        return list(hf.apply_chat_template(messages, tokenize=True, return_dict=True, add_generation_prompt=add_generation_prompt)["input_ids"])
+        return list(
+            hf.apply_chat_template(
+                messages, tokenize=True, return_dict=True, add_generation_prompt=add_generation_prompt
+            )["input_ids"]
+        )
 
     tail = [] if kind == "llama3" else tok.encode("\n")
     for prompt in PROMPTS:
@@ -270,9 +338,13 @@ def test_ids_equal_apply_chat_template(tmp_path, kind, bos_post):
 def test_stop_ids_pad_and_special_tokens_map(tmp_path):
     """Llama 3 Instruct's files: eos from special_tokens_map.json (saved as an AddedToken dict), extra stop ids
     from generation_config.json, <|eot_id|> always a stop id, pad falling back to eos."""
-    path = write_checkpoint(tmp_path, byte_tokenizer(LLAMA3_SPECIALS), {"chat_template": LLAMA3_TEMPLATE},
-                            generation={"bos_token_id": BOT, "eos_token_id": [EOTX, EOT]},
-                            special_map={"bos_token": {"content": "<|begin_of_text|>", "special": True}, "eos_token": "<|end_of_text|>"})
+    path = write_checkpoint(
+        tmp_path,
+        byte_tokenizer(LLAMA3_SPECIALS),
+        {"chat_template": LLAMA3_TEMPLATE},
+        generation={"bos_token_id": BOT, "eos_token_id": [EOTX, EOT]},
+        special_map={"bos_token": {"content": "<|begin_of_text|>", "special": True}, "eos_token": "<|end_of_text|>"},
+    )
     tok = ChatTokenizer.from_pretrained(path)
     assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.stop_ids) == (BOT, EOTX, EOTX, {EOTX, EOT})
     assert tok.vocab_size == 256 + len(LLAMA3_SPECIALS)
@@ -292,7 +364,12 @@ def test_template_detection(tmp_path, monkeypatch):
     assert tok.template == "chatml" and tok.default_system == "You are a helpful\tassistant."
     assert ChatTokenizer.from_pretrained(llama3_dir(tmp_path / "c", template=None)).template == "none"
     assert ChatTokenizer.from_pretrained(str(tmp_path / "c"), template="llama3").encode_prompt("x")[0] == BOT
-    assert ChatTokenizer.from_pretrained(llama3_dir(tmp_path / "d", template="Cutting Knowledge Date: <|start_header_id|>")).template == "llama3.1"
+    assert (
+        ChatTokenizer.from_pretrained(
+            llama3_dir(tmp_path / "d", template="Cutting Knowledge Date: <|start_header_id|>")
+        ).template
+        == "llama3.1"
+    )
     pytest.importorskip("jinja2")
     assert ChatTokenizer.from_pretrained(llama3_dir(tmp_path / "e", template="{{ messages }}")).template == "jinja"
     monkeypatch.setitem(sys.modules, "jinja2", None)  # as if jinja2 were not installed: importing it fails
@@ -317,10 +394,16 @@ EXPECTED = [
 ]
 
 
-@pytest.mark.parametrize("name,fmt,lines", [
-    ("canonical.jsonl", "canonical", [1, 2, 3]), ("simpo.jsonl", "simpo", [1, 2, 3]), ("rrhf.jsonl", "rrhf", [1, 2, 3]),
-    ("pairwise.jsonl", "pairwise", [1, 2, 3]), ("ultrafeedback.json", "ultrafeedback", [0, 1, 2]),
-])
+@pytest.mark.parametrize(
+    "name,fmt,lines",
+    [
+        ("canonical.jsonl", "canonical", [1, 2, 3]),
+        ("simpo.jsonl", "simpo", [1, 2, 3]),
+        ("rrhf.jsonl", "rrhf", [1, 2, 3]),
+        ("pairwise.jsonl", "pairwise", [1, 2, 3]),
+        ("ultrafeedback.json", "ultrafeedback", [0, 1, 2]),
+    ],
+)
 def test_fixture_formats_give_the_same_groups(name, fmt, lines):
     """Each fixture in testdata/ holds the same three groups in its own format; all must read to EXPECTED,
     with the format detected from the first row's keys (SimPO rows also carry chosen/rejected)."""
@@ -337,37 +420,102 @@ def write(tmp_path, name, rows):
 
 
 GOOD = {"prompt": "p", "responses": ["a", "b"], "scores": [1, 2]}
-GOOD_ROW = {"canonical": GOOD, "rrhf": {"query": "q", "responses": ["a", "b"], "scores": [1, 2]},
-            "simpo": {"prompt": "p", "all_generated_responses": ["a", "b"], "all_rm_scores": [1, 2]},
-            "pairwise": {"prompt": "p", "chosen": "a", "rejected": "b"},
-            "ultrafeedback": {"instruction": "p", "completions": [{"response": "a", "overall_score": 2}, {"response": "b", "overall_score": 1}]}}
+GOOD_ROW = {
+    "canonical": GOOD,
+    "rrhf": {"query": "q", "responses": ["a", "b"], "scores": [1, 2]},
+    "simpo": {"prompt": "p", "all_generated_responses": ["a", "b"], "all_rm_scores": [1, 2]},
+    "pairwise": {"prompt": "p", "chosen": "a", "rejected": "b"},
+    "ultrafeedback": {
+        "instruction": "p",
+        "completions": [{"response": "a", "overall_score": 2}, {"response": "b", "overall_score": 1}],
+    },
+}
 BAD_ROWS = [  # (row on line 3 of a .jsonl file, format override, expected message after "FILE:3: ")
     ('{"prompt": "p", "responses": ["a", "b"],', None, "invalid JSON"),
     ("[1, 2]", None, "expected a JSON object, got list"),
     ({"prompt": "p", "responses": ["a", "b"]}, "canonical", "field 'scores': missing"),
-    ({"prompt": "p", "responses": "a", "scores": [1]}, "canonical", "field 'responses': expected a list of strings, got string"),
-    ({"prompt": "p", "responses": ["a", 3], "scores": [1, 2]}, None, "field 'responses[1]': expected a string, got int"),
-    ({"prompt": 5, "responses": ["a", "b"], "scores": [1, 2]}, None, "field 'prompt': expected a string or a list of messages, got int"),
-    ({"prompt": [{"role": "user"}], "responses": ["a", "b"], "scores": [1, 2]}, None, "field 'prompt[0].content': missing"),
+    (
+        {"prompt": "p", "responses": "a", "scores": [1]},
+        "canonical",
+        "field 'responses': expected a list of strings, got string",
+    ),
+    (
+        {"prompt": "p", "responses": ["a", 3], "scores": [1, 2]},
+        None,
+        "field 'responses[1]': expected a string, got int",
+    ),
+    (
+        {"prompt": 5, "responses": ["a", "b"], "scores": [1, 2]},
+        None,
+        "field 'prompt': expected a string or a list of messages, got int",
+    ),
+    (
+        {"prompt": [{"role": "user"}], "responses": ["a", "b"], "scores": [1, 2]},
+        None,
+        "field 'prompt[0].content': missing",
+    ),
     ({"prompt": [], "responses": ["a", "b"], "scores": [1, 2]}, None, "field 'prompt': empty conversation"),
-    ({"prompt": "p", "responses": ["a", "b"], "scores": [1, "2"]}, None, "field 'scores[1]': expected a number, got string"),
-    ({"prompt": "p", "responses": ["a", "b"], "scores": [1, True]}, None, "field 'scores[1]': expected a number, got bool"),
+    (
+        {"prompt": "p", "responses": ["a", "b"], "scores": [1, "2"]},
+        None,
+        "field 'scores[1]': expected a number, got string",
+    ),
+    (
+        {"prompt": "p", "responses": ["a", "b"], "scores": [1, True]},
+        None,
+        "field 'scores[1]': expected a number, got bool",
+    ),
     ({"prompt": "p", "responses": ["a", "b"], "scores": [1, 2, 3]}, None, "field 'scores': 3 scores for 2 responses"),
-    ('{"prompt": "p", "responses": ["a", "b"], "scores": [1, NaN]}', None, "field 'scores[1]': score is nan, not a finite number"),
-    ('{"prompt": "p", "responses": ["a", "b"], "scores": [-Infinity, 1]}', None, "field 'scores[0]': score is -inf, not a finite number"),
-    ({"prompt": "p", "all_generated_responses": ["a", "b"], "all_rm_scores": [1]}, "simpo", "field 'all_rm_scores': 1 scores for 2 responses"),
-    ({"query": "q", "responses": ["a", "b"], "scores": [1, None]}, "rrhf", "field 'scores[1]': expected a number, got null"),
+    (
+        '{"prompt": "p", "responses": ["a", "b"], "scores": [1, NaN]}',
+        None,
+        "field 'scores[1]': score is nan, not a finite number",
+    ),
+    (
+        '{"prompt": "p", "responses": ["a", "b"], "scores": [-Infinity, 1]}',
+        None,
+        "field 'scores[0]': score is -inf, not a finite number",
+    ),
+    (
+        {"prompt": "p", "all_generated_responses": ["a", "b"], "all_rm_scores": [1]},
+        "simpo",
+        "field 'all_rm_scores': 1 scores for 2 responses",
+    ),
+    (
+        {"query": "q", "responses": ["a", "b"], "scores": [1, None]},
+        "rrhf",
+        "field 'scores[1]': expected a number, got null",
+    ),
     ({"prompt": "p", "responses": ["a", "b"], "scores": [1, 2]}, "rrhf", "field 'query': missing"),
-    ({"chosen": [{"role": "user", "content": "p"}], "rejected": [{"role": "user", "content": "p"}]}, "pairwise",
-     "field 'chosen[0].role': the last message is 'user', expected 'assistant'"),
-    ({"chosen": [{"role": "user", "content": "p"}, {"role": "assistant", "content": "a"}],
-      "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}]}, "pairwise",
-     "field 'rejected': its turns before the answer differ from those of 'chosen'"),
+    (
+        {"chosen": [{"role": "user", "content": "p"}], "rejected": [{"role": "user", "content": "p"}]},
+        "pairwise",
+        "field 'chosen[0].role': the last message is 'user', expected 'assistant'",
+    ),
+    (
+        {
+            "chosen": [{"role": "user", "content": "p"}, {"role": "assistant", "content": "a"}],
+            "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}],
+        },
+        "pairwise",
+        "field 'rejected': its turns before the answer differ from those of 'chosen'",
+    ),
     ({"prompt": "p", "chosen": "a", "rejected": "b", "score_chosen": 2}, "pairwise", "field 'score_rejected': missing"),
-    ({"instruction": "p", "completions": [{"response": "a", "overall_score": "great"}]}, "ultrafeedback",
-     "field 'completions[0].overall_score': expected a number or \"N/A\", got \"great\""),
-    ({"instruction": "p", "completions": [{"overall_score": 3}]}, "ultrafeedback", "field 'completions[0].response': missing"),
-    ({"instruction": "p", "completions": [{"response": "a"}]}, "ultrafeedback", "field 'completions[0].overall_score': missing"),
+    (
+        {"instruction": "p", "completions": [{"response": "a", "overall_score": "great"}]},
+        "ultrafeedback",
+        'field \'completions[0].overall_score\': expected a number or "N/A", got "great"',
+    ),
+    (
+        {"instruction": "p", "completions": [{"overall_score": 3}]},
+        "ultrafeedback",
+        "field 'completions[0].response': missing",
+    ),
+    (
+        {"instruction": "p", "completions": [{"response": "a"}]},
+        "ultrafeedback",
+        "field 'completions[0].overall_score': missing",
+    ),
 ]
 
 
@@ -390,7 +538,10 @@ def test_json_list_errors_name_the_element(tmp_path):
     with pytest.raises(DataError, match=re.escape(f"{path}: element 1: field 'prompt': expected a string")):
         read_groups(str(path))
     path.write_text(json.dumps({"rows": [GOOD]}, indent=1))  # one pretty-printed object: neither a list nor JSON Lines
-    with pytest.raises(DataError, match=re.escape(f"{path}: expected a JSON list of rows or JSON Lines, got one JSON object (fields 'rows')")):
+    with pytest.raises(
+        DataError,
+        match=re.escape(f"{path}: expected a JSON list of rows or JSON Lines, got one JSON object (fields 'rows')"),
+    ):
         read_groups(str(path))
     path.write_text(json.dumps({"rows": [GOOD]}))  # on one line it is one JSON Lines row, of no known format
     with pytest.raises(DataError, match=re.escape(f"{path}:1: cannot tell the format from the fields ['rows']")):
@@ -409,12 +560,14 @@ def test_json_list_errors_name_the_element(tmp_path):
 def test_unusable_rows_are_skipped_and_counted(tmp_path):
     """Well-formed but unusable rows are skipped, each counted under its reason with its line numbers;
     min_responses=1 (SFT) keeps 1-response rows and equal scores, but never an empty response."""
-    rows = [GOOD,
-            {"prompt": "p", "responses": ["a"], "scores": [1]},
-            {"prompt": "p", "responses": ["a", "b", "c"], "scores": [2, 2, 2]},
-            {"prompt": "p", "responses": ["a", " \n"], "scores": [1, 2]},
-            GOOD,
-            {"prompt": "p", "responses": [], "scores": []}]
+    rows = [
+        GOOD,
+        {"prompt": "p", "responses": ["a"], "scores": [1]},
+        {"prompt": "p", "responses": ["a", "b", "c"], "scores": [2, 2, 2]},
+        {"prompt": "p", "responses": ["a", " \n"], "scores": [1, 2]},
+        GOOD,
+        {"prompt": "p", "responses": [], "scores": []},
+    ]
     path = write(tmp_path, "skips.jsonl", rows)
     groups, report = read_groups(path)
     assert [g.line for g in groups] == [1, 5]
@@ -424,7 +577,8 @@ def test_unusable_rows_are_skipped_and_counted(tmp_path):
         f"{path} (canonical): 6 groups in, 2 kept",
         "  skipped 2: fewer than 2 responses (lines 2, 6)",
         "  skipped 1: all scores equal (lines 3)",
-        "  skipped 1: an empty response (lines 4)"]
+        "  skipped 1: an empty response (lines 4)",
+    ]
     groups, report = read_groups(path, min_responses=1)
     assert [g.line for g in groups] == [1, 2, 3, 5]
     assert report.skipped == {"fewer than 1 responses": [6], "an empty response": [4]}
@@ -436,16 +590,21 @@ def test_ultrafeedback_missing_ratings(tmp_path):
     """UltraFeedback: overall_score when every completion has one (numeric strings accepted); else
     fine-grained_score x 2 for the whole group; completions without a rating are dropped and counted, and a
     group left with one response is skipped."""
+
     def c(resp, overall, fine="N/A"):
         return {"response": resp, "overall_score": overall, "fine-grained_score": fine}
 
-    rows = [{"instruction": "p0", "completions": [c("a", 8, 4), c("b", "N/A", 3), c("c", 3, 2.5)]},
-            {"instruction": "p1", "completions": [c("a", "9"), c("b", 2.0)]},
-            {"instruction": "p2", "completions": [c("a", None), c("b", "N/A", 4.5)]},
-            {"instruction": "p3", "completions": [c("a", 7, None), c("b", "N/A", 2), c("c", "N/A", "N/A")]}]
+    rows = [
+        {"instruction": "p0", "completions": [c("a", 8, 4), c("b", "N/A", 3), c("c", 3, 2.5)]},
+        {"instruction": "p1", "completions": [c("a", "9"), c("b", 2.0)]},
+        {"instruction": "p2", "completions": [c("a", None), c("b", "N/A", 4.5)]},
+        {"instruction": "p3", "completions": [c("a", 7, None), c("b", "N/A", 2), c("c", "N/A", "N/A")]},
+    ]
     groups, report = read_groups(write(tmp_path, "uf.jsonl", rows))
     assert [(g.prompt, g.responses, g.scores) for g in groups] == [
-        ("p0", ["a", "b", "c"], [8.0, 6.0, 5.0]), ("p1", ["a", "b"], [9.0, 2.0])]
+        ("p0", ["a", "b", "c"], [8.0, 6.0, 5.0]),
+        ("p1", ["a", "b"], [9.0, 2.0]),
+    ]
     assert report.skipped == {"fewer than 2 responses": [3, 4]}
     assert report.dropped == {formats.UNRATED: [3, 4, 4]}
     assert "dropped 3 UltraFeedback completions without a usable rating (lines 3, 4)" in report.summary()
@@ -455,11 +614,21 @@ def test_pairwise_variants(tmp_path):
     """Pairwise rows: string chosen/rejected with a conversation prompt; conversations whose earlier turns
     (system message included) become the prompt; no scores means chosen 1, rejected 0."""
     conv = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
-    rows = [{"prompt": conv, "chosen": "good", "rejected": "bad"},
-            {"prompt": "ignored", "chosen": conv + [{"role": "assistant", "content": "good"}],
-             "rejected": conv + [{"role": "assistant", "content": "bad"}], "score_chosen": 7, "score_rejected": 7.5}]
+    rows = [
+        {"prompt": conv, "chosen": "good", "rejected": "bad"},
+        {
+            "prompt": "ignored",
+            "chosen": conv + [{"role": "assistant", "content": "good"}],
+            "rejected": conv + [{"role": "assistant", "content": "bad"}],
+            "score_chosen": 7,
+            "score_rejected": 7.5,
+        },
+    ]
     groups, _ = read_groups(write(tmp_path, "pw.jsonl", rows))
-    assert [(g.prompt, g.responses, g.scores) for g in groups] == [(conv, ["good", "bad"], [1.0, 0.0]), (conv, ["good", "bad"], [7.0, 7.5])]
+    assert [(g.prompt, g.responses, g.scores) for g in groups] == [
+        (conv, ["good", "bad"], [1.0, 0.0]),
+        (conv, ["good", "bad"], [7.0, 7.5]),
+    ]
 
 
 # -----------------------------------------------------------------------------
@@ -479,10 +648,14 @@ def test_truncation_keeps_prompt_end_and_budget(tmp_path):
     assert (report.truncated_prompts, report.truncated_responses, report.kept) == (1, 1, 1)
     assert all(len(t.prompt_ids) + len(r) <= 30 for r in t.response_ids)
     # no prompt limit of its own: a prompt filling max_length skips its group
-    out, report = tokenize_groups([g, replace_line(g, 8, "y")], tok, max_length=len(full_prompt), max_prompt_length=None)
+    out, report = tokenize_groups(
+        [g, replace_line(g, 8, "y")], tok, max_length=len(full_prompt), max_prompt_length=None
+    )
     assert [t.line for t in out] == [8] and report.skipped == {data.PROMPT_FILLS: [7]}
     # include_header moves the assistant header from the prompt into each response
-    (h,), _ = tokenize_groups([replace_line(g, 7, "y")], tok, max_length=None, max_prompt_length=None, include_header=True)
+    (h,), _ = tokenize_groups(
+        [replace_line(g, 7, "y")], tok, max_length=None, max_prompt_length=None, include_header=True
+    )
     assert h.prompt_ids == tok.encode_prompt("y", add_generation_prompt=False)
     assert h.response_ids[1] == [SH, *B("assistant"), EH, *B("\n\nok"), EOT]
 
@@ -508,6 +681,7 @@ def test_tokenize_rechecks_hand_built_groups(tmp_path):
 def test_scale_scores():
     """Point-wise scores: [0, 1] unchanged; 1-10 ratings divided by 10 (the paper); an explicit range mapped
     linearly; an open scale without a range is an error. Expected values by hand."""
+
     def g(*s):
         return Group("p", ["a"] * len(s), list(s), 1)
 
@@ -621,7 +795,18 @@ def test_cli_statistics(tmp_path, capsys):
     EH "\\n\\n") = 1 + (8 + n + 1) + 13 = 23 + n tokens: 53, 43, 40 for the three prompts, so the median is 43. At
     max_prompt_length 45 only the first prompt is cut (to 45, leaving 5 tokens for "Paris." + EOT and its rival)."""
     path = llama3_dir(tmp_path)
-    data.main(["--model", path, "--data", os.path.join(HERE, "testdata", "canonical.jsonl"), "--max_length", "50", "--max_prompt_length", "45"])
+    data.main(
+        [
+            "--model",
+            path,
+            "--data",
+            os.path.join(HERE, "testdata", "canonical.jsonl"),
+            "--max_length",
+            "50",
+            "--max_prompt_length",
+            "45",
+        ]
+    )
     out = capsys.readouterr().out
     assert "template llama3" in out and "groups: 3, responses: 6" in out and "responses per group: 2: 3" in out
     assert re.search(r"prompt tokens: +p50 43 .* max 53\n", out)
@@ -631,9 +816,11 @@ def test_cli_statistics(tmp_path, capsys):
 def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys):
     """A missing file or a bad row ends with one "error: ..." line on stderr and exit code 2, no traceback."""
     path = llama3_dir(tmp_path)
-    for args in (["--model", path, "--data", str(tmp_path / "nope.jsonl")],
-                 ["--model", str(tmp_path / "nope"), "--data", os.path.join(HERE, "testdata", "rrhf.jsonl")],
-                 ["--model", path, "--data", write(tmp_path, "bad.jsonl", ["{"])]):
+    for args in (
+        ["--model", path, "--data", str(tmp_path / "nope.jsonl")],
+        ["--model", str(tmp_path / "nope"), "--data", os.path.join(HERE, "testdata", "rrhf.jsonl")],
+        ["--model", path, "--data", write(tmp_path, "bad.jsonl", ["{"])],
+    ):
         with pytest.raises(SystemExit) as e:
             data.main(args)
         err = capsys.readouterr().err
@@ -675,24 +862,40 @@ LLAMA31_PROMPTS = [
     "What is the capital of France?",
     [{"role": "system", "content": "  You are terse.\n"}, {"role": "user", "content": " Hi there "}],
     CONVERSATION,
-    [{"role": "user", "content": "Line one\n\nLine two"}, {"role": "assistant", "content": "Sure."}, {"role": "user", "content": "Again?"}],
+    [
+        {"role": "user", "content": "Line one\n\nLine two"},
+        {"role": "assistant", "content": "Sure."},
+        {"role": "user", "content": "Again?"},
+    ],
 ]
 
 
 def hf_parity(hf, tok, prompts, tail=(), **kwargs):
     """Our prompt text and ids against apply_chat_template with the generation prompt, and prompt + response ids
     (with the header in the prompt or in the response) against apply_chat_template of the whole conversation."""
+
     def hf_ids(messages, add_generation_prompt=False):
-        return list(hf.apply_chat_template(messages, tokenize=True, return_dict=True, add_generation_prompt=add_generation_prompt, **kwargs)["input_ids"])
+        return list(
+            hf.apply_chat_template(
+                messages, tokenize=True, return_dict=True, add_generation_prompt=add_generation_prompt, **kwargs
+            )["input_ids"]
+        )
 
     for prompt in prompts:
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        assert tok.render_prompt(prompt) == hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
+        assert tok.render_prompt(prompt) == hf.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, **kwargs
+        )
         assert tok.encode_prompt(prompt) == hf_ids(messages, add_generation_prompt=True)
         for answer in ANSWERS:
             full = hf_ids(messages + [{"role": "assistant", "content": answer}])
             assert tok.encode_prompt(prompt) + tok.encode_response(answer, prompt=prompt) + list(tail) == full
-            assert tok.encode_prompt(prompt, False) + tok.encode_response(answer, include_header=True, prompt=prompt) + list(tail) == full
+            assert (
+                tok.encode_prompt(prompt, False)
+                + tok.encode_response(answer, include_header=True, prompt=prompt)
+                + list(tail)
+                == full
+            )
 
 
 @pytest.mark.parametrize("version", ["3.1", "3.2"])
@@ -705,9 +908,11 @@ def test_llama31_and_32_equal_apply_chat_template(tmp_path, version):
     (testdata/README.md): checked here too."""
     transformers = pytest.importorskip("transformers")
     assert LLAMA31_TEMPLATE == LLAMA32_TEMPLATE.replace(
-        '{%- if strftime_now is defined %}\n'
+        "{%- if strftime_now is defined %}\n"
         '        {%- set date_string = strftime_now("%d %b %Y") %}\n    {%- else %}\n'
-        '        {%- set date_string = "26 Jul 2024" %}\n    {%- endif %}', '{%- set date_string = "26 Jul 2024" %}')
+        '        {%- set date_string = "26 Jul 2024" %}\n    {%- endif %}',
+        '{%- set date_string = "26 Jul 2024" %}',
+    )
     template = LLAMA31_TEMPLATE if version == "3.1" else LLAMA32_TEMPLATE
     path = llama3_dir(tmp_path, trained_tokenizer(LLAMA3_SPECIALS, bos_post=True), template=None, jinja=template)
     hf = transformers.AutoTokenizer.from_pretrained(path)
@@ -716,9 +921,11 @@ def test_llama31_and_32_equal_apply_chat_template(tmp_path, version):
     assert tok.template == "llama3.1" and tok.date_string == ("26 Jul 2024" if version == "3.1" else "05 Mar 2025")
     hf_parity(hf, tok, LLAMA31_PROMPTS, **pin)
     text = tok.render_prompt([{"role": "system", "content": "  Be brief. "}, {"role": "user", "content": "Hi"}])
-    assert text == ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n"
-                    f"Today Date: {tok.date_string}\n\nBe brief.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
-                    "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert text == (
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n"
+        f"Today Date: {tok.date_string}\n\nBe brief.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
     ids = tok.encode_prompt("Hi")
     assert ids[0] == tok.bos_id and ids.count(tok.bos_id) == 1  # the post-processor's BOS is not added a second time
 
@@ -731,8 +938,12 @@ def test_llama32_date_is_today_unless_pinned(tmp_path):
     path = llama3_dir(tmp_path, byte_tokenizer(LLAMA3_SPECIALS), template=LLAMA32_TEMPLATE)
     hf = transformers.AutoTokenizer.from_pretrained(path)
     messages = [{"role": "user", "content": "Hi"}]
-    assert ChatTokenizer.from_pretrained(path).render_prompt("Hi") == hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    assert "Today Date: 01 Jan 2030\n" in ChatTokenizer.from_pretrained(path, date_string="01 Jan 2030").render_prompt("Hi")
+    assert ChatTokenizer.from_pretrained(path).render_prompt("Hi") == hf.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True
+    )
+    assert "Today Date: 01 Jan 2030\n" in ChatTokenizer.from_pretrained(path, date_string="01 Jan 2030").render_prompt(
+        "Hi"
+    )
     plain = llama3_dir(tmp_path / "plain", byte_tokenizer(LLAMA3_SPECIALS))
     assert "Today Date: 26 Jul 2024\n" in ChatTokenizer.from_pretrained(plain, template="llama3.1").render_prompt("Hi")
 
@@ -741,14 +952,25 @@ def test_tool_conversations_are_refused(tmp_path):
     """A message with tool calls is refused when read (its calls would be dropped), naming file, line and message;
     a tool result under a Llama 3.1 template is refused when tokenized, naming the group's line. A null
     tool_calls (as Parquet gives every message of a column that has them anywhere) is no tool call."""
-    call = {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": {}}}]}
+    call = {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": {}}}],
+    }
     no_call = {"role": "assistant", "content": "a", "tool_calls": None}
-    rows = [{**GOOD, "prompt": [{"role": "user", "content": "u"}, no_call, {"role": "user", "content": "w"}]},
-            {**GOOD, "prompt": [{"role": "user", "content": "u"}, call, {"role": "user", "content": "v"}]}]
-    with pytest.raises(DataError, match=r"tools\.jsonl:2: field 'prompt\[1\]\.tool_calls': conversations with tool calls are not supported"):
+    rows = [
+        {**GOOD, "prompt": [{"role": "user", "content": "u"}, no_call, {"role": "user", "content": "w"}]},
+        {**GOOD, "prompt": [{"role": "user", "content": "u"}, call, {"role": "user", "content": "v"}]},
+    ]
+    with pytest.raises(
+        DataError,
+        match=r"tools\.jsonl:2: field 'prompt\[1\]\.tool_calls': conversations with tool calls are not supported",
+    ):
         read_groups(write(tmp_path, "tools.jsonl", rows))
     groups, _ = read_groups(write(tmp_path, "ok.jsonl", rows[:1]))
-    tok = ChatTokenizer.from_pretrained(llama3_dir(tmp_path / "m", template=LLAMA32_TEMPLATE), date_string="01 Jan 2025")
+    tok = ChatTokenizer.from_pretrained(
+        llama3_dir(tmp_path / "m", template=LLAMA32_TEMPLATE), date_string="01 Jan 2025"
+    )
     tool = Group([{"role": "user", "content": "u"}, {"role": "tool", "content": "42"}], ["a", "b"], [1.0, 2.0], 9)
     with pytest.raises(DataError, match="group from line 9: conversations with tool results are not supported"):
         tokenize_groups(groups + [tool], tok, 100, 50)
@@ -793,15 +1015,21 @@ def test_jinja_template_errors(tmp_path):
     pytest.importorskip("jinja2")
     tok = byte_tokenizer(MISTRAL_SPECIALS)
     reverse = "{% for m in messages | reverse %}{{ m['content'] + eos_token }}{% endfor %}"
-    t = ChatTokenizer.from_pretrained(write_checkpoint(tmp_path / "a", tok, {"eos_token": "</s>", "chat_template": reverse}))
+    t = ChatTokenizer.from_pretrained(
+        write_checkpoint(tmp_path / "a", tok, {"eos_token": "</s>", "chat_template": reverse})
+    )
     with pytest.raises(ValueError, match="does not begin with the prompt"):
         t.render_response("a", prompt="q")
     plain = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
-    t = ChatTokenizer.from_pretrained(write_checkpoint(tmp_path / "b", tok, {"eos_token": "</s>", "chat_template": plain}))
+    t = ChatTokenizer.from_pretrained(
+        write_checkpoint(tmp_path / "b", tok, {"eos_token": "</s>", "chat_template": plain})
+    )
     with pytest.raises(ValueError, match=r"no stop token \(</s>\)"):
         t.render_response("a", prompt="q")
     with pytest.raises(CheckpointError, match="does not compile"):
-        ChatTokenizer.from_pretrained(write_checkpoint(tmp_path / "c", tok, {"eos_token": "</s>", "chat_template": "{% for %}"}))
+        ChatTokenizer.from_pretrained(
+            write_checkpoint(tmp_path / "c", tok, {"eos_token": "</s>", "chat_template": "{% for %}"})
+        )
 
 
 def test_broken_tokenizer_json_is_one_line(tmp_path):
@@ -809,8 +1037,10 @@ def test_broken_tokenizer_json_is_one_line(tmp_path):
     line; so is invalid JSON in tokenizer_config.json."""
     path = llama3_dir(tmp_path)
     full = (tmp_path / "tokenizer.json").read_text()
-    (tmp_path / "tokenizer.json").write_text(full[:len(full) // 2])
-    with pytest.raises(CheckpointError, match=re.escape(f"{tmp_path / 'tokenizer.json'}: not a valid tokenizer.json")) as e:
+    (tmp_path / "tokenizer.json").write_text(full[: len(full) // 2])
+    with pytest.raises(
+        CheckpointError, match=re.escape(f"{tmp_path / 'tokenizer.json'}: not a valid tokenizer.json")
+    ) as e:
         ChatTokenizer.from_pretrained(path)
     assert "\n" not in str(e.value)
     (tmp_path / "tokenizer.json").write_text(full)
@@ -829,15 +1059,31 @@ def test_data_files_folder_glob_list(tmp_path):
     errors for a missing file, an empty glob and a folder without data files. Expected lists written by hand."""
     (tmp_path / "d" / "data" / "sub").mkdir(parents=True)
     (tmp_path / "d" / ".cache" / "huggingface").mkdir(parents=True)
-    for name in ("data/b.jsonl", "data/a.parquet", "data/sub/c.json.gz", "top.json", "README.md", ".gitattributes",
-                 ".cache/huggingface/x.jsonl", "data/.hidden.jsonl", "data/notes.txt"):
+    for name in (
+        "data/b.jsonl",
+        "data/a.parquet",
+        "data/sub/c.json.gz",
+        "top.json",
+        "README.md",
+        ".gitattributes",
+        ".cache/huggingface/x.jsonl",
+        "data/.hidden.jsonl",
+        "data/notes.txt",
+    ):
         (tmp_path / "d" / name).write_text("")
     d = str(tmp_path / "d")
-    assert formats.data_files(d) == [f"{d}/data/a.parquet", f"{d}/data/b.jsonl", f"{d}/data/sub/c.json.gz", f"{d}/top.json"]
+    assert formats.data_files(d) == [
+        f"{d}/data/a.parquet",
+        f"{d}/data/b.jsonl",
+        f"{d}/data/sub/c.json.gz",
+        f"{d}/top.json",
+    ]
     assert formats.data_files(f"{d}/data/*.jsonl") == [f"{d}/data/b.jsonl"]
     assert formats.data_files(f"{d}/**/*.gz") == [f"{d}/data/sub/c.json.gz"]
     assert formats.data_files([f"{d}/top.json", f"{d}/data/sub"]) == [f"{d}/top.json", f"{d}/data/sub/c.json.gz"]
-    assert formats.data_files(f"{d}/data/notes.txt") == [f"{d}/data/notes.txt"]  # a file named explicitly is read whatever its name
+    assert formats.data_files(f"{d}/data/notes.txt") == [
+        f"{d}/data/notes.txt"
+    ]  # a file named explicitly is read whatever its name
     with pytest.raises(DataError, match=re.escape(f"no such data file: {d}/nope.jsonl")):
         formats.data_files([f"{d}/top.json", f"{d}/nope.jsonl"])
     with pytest.raises(DataError, match=re.escape(f"no such data file: {d}/*.parquet")):
@@ -845,7 +1091,10 @@ def test_data_files_folder_glob_list(tmp_path):
     (tmp_path / "d" / "docs" / ".cache").mkdir(parents=True)
     (tmp_path / "d" / "docs" / "README.md").write_text("")
     (tmp_path / "d" / "docs" / ".cache" / "x.jsonl").write_text("")
-    with pytest.raises(DataError, match=re.escape(f"{d}/docs: no data files (.jsonl, .json, .parquet, .jsonl.gz, .json.gz) in this folder")):
+    with pytest.raises(
+        DataError,
+        match=re.escape(f"{d}/docs: no data files (.jsonl, .json, .parquet, .jsonl.gz, .json.gz) in this folder"),
+    ):
         formats.data_files(f"{d}/docs")  # a README and a hidden folder's file: nothing to read
     with pytest.raises(FileNotFoundError):  # DataError and FileNotFoundError both, as before
         formats.data_files(f"{d}/nope")
@@ -864,7 +1113,11 @@ def test_ultrafeedback_folder_gzip_and_json_lines_in_json(tmp_path):
     groups, report = read_groups(str(tmp_path / "uf"))
     assert [(g.prompt, g.responses, g.scores) for g in groups] == EXPECTED
     uf = tmp_path / "uf"
-    assert [g.line for g in groups] == [f"{uf}/evol_instruct.jsonl:1", f"{uf}/evol_instruct.jsonl:2", f"{uf}/flan.jsonl:1"]
+    assert [g.line for g in groups] == [
+        f"{uf}/evol_instruct.jsonl:1",
+        f"{uf}/evol_instruct.jsonl:2",
+        f"{uf}/flan.jsonl:1",
+    ]
     assert report.source == f"{uf} (2 files, ultrafeedback)" and report.kept == 3
     lines = write(tmp_path, "x.json", rows)
     with gzip.open(tmp_path / "x.jsonl.gz", "wt", encoding="utf-8") as f:
@@ -895,20 +1148,42 @@ def test_parquet_armorm_and_binarized(tmp_path):
     shaped as their cards say: armorm reads as SimPO's format (all responses and their reward-model scores, not the
     chosen/rejected pair); binarized as pairwise with score_chosen/score_rejected. Row indices name the rows."""
     q = EXPECTED[0][0]
-    armorm = [{"prompt_id": "a0", "prompt": q, "all_generated_responses": ["Paris.", "Lyon.", "Nice."],
-               "all_rm_scores": [0.17, 0.05, 0.11], "chosen": msgs(q, "Paris."), "rejected": msgs(q, "Lyon.")}] * 2
+    armorm = [
+        {
+            "prompt_id": "a0",
+            "prompt": q,
+            "all_generated_responses": ["Paris.", "Lyon.", "Nice."],
+            "all_rm_scores": [0.17, 0.05, 0.11],
+            "chosen": msgs(q, "Paris."),
+            "rejected": msgs(q, "Lyon."),
+        }
+    ] * 2
     path = parquet_rows(tmp_path / "armorm" / "data" / "train-00000-of-00001.parquet", armorm)
     groups, report = read_groups(str(tmp_path / "armorm"))
-    assert [(g.prompt, g.responses, g.scores, g.line) for g in groups] == [(q, ["Paris.", "Lyon.", "Nice."], [0.17, 0.05, 0.11], i) for i in (0, 1)]
+    assert [(g.prompt, g.responses, g.scores, g.line) for g in groups] == [
+        (q, ["Paris.", "Lyon.", "Nice."], [0.17, 0.05, 0.11], i) for i in (0, 1)
+    ]
     assert report.source == f"{tmp_path / 'armorm'} (simpo)"
-    binarized = [{"prompt": p, "prompt_id": f"id{i}", "chosen": msgs(p, r[0]), "rejected": msgs(p, r[1]), "messages": msgs(p, r[0]),
-                  "score_chosen": s[0], "score_rejected": s[1]} for i, (p, r, s) in enumerate(EXPECTED)]
+    binarized = [
+        {
+            "prompt": p,
+            "prompt_id": f"id{i}",
+            "chosen": msgs(p, r[0]),
+            "rejected": msgs(p, r[1]),
+            "messages": msgs(p, r[0]),
+            "score_chosen": s[0],
+            "score_rejected": s[1],
+        }
+        for i, (p, r, s) in enumerate(EXPECTED)
+    ]
     for split in ("train_prefs", "test_prefs"):
         parquet_rows(tmp_path / "h4" / "data" / f"{split}-00000-of-00001.parquet", binarized)
     groups, report = read_groups(str(tmp_path / "h4" / "data" / "train_prefs-*.parquet"))
     assert [(g.prompt, g.responses, g.scores) for g in groups] == EXPECTED and [g.line for g in groups] == [0, 1, 2]
     bad = parquet_rows(tmp_path / "bad.parquet", [{**armorm[0], "all_rm_scores": [0.1, None, 0.3]}])
-    with pytest.raises(DataError, match=re.escape(f"{bad}: row 0: field 'all_rm_scores[1]': expected a number, got null")):
+    with pytest.raises(
+        DataError, match=re.escape(f"{bad}: row 0: field 'all_rm_scores[1]': expected a number, got null")
+    ):
         read_groups(bad)
     (tmp_path / "cut.parquet").write_bytes(open(path, "rb").read()[:100])
     with pytest.raises(DataError, match="cut.parquet: cannot read Parquet"):
@@ -925,9 +1200,16 @@ def test_parquet_without_pyarrow_and_numpy_values(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
     with pytest.raises(DataError, match=re.escape(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)")):
         read_groups(path)
-    row = {"prompt": "p", "all_generated_responses": np.array(["a", "b"], dtype=object), "all_rm_scores": np.array([1.5, 2.0], dtype=np.float32)}
+    row = {
+        "prompt": "p",
+        "all_generated_responses": np.array(["a", "b"], dtype=object),
+        "all_rm_scores": np.array([1.5, 2.0], dtype=np.float32),
+    }
     assert formats.PARSERS["simpo"](row, "w") == ("p", ["a", "b"], [1.5, 2.0], 0)
-    assert formats.PARSERS["pairwise"]({"prompt": "p", "chosen": "a", "rejected": "b", "score_chosen": np.int64(3), "score_rejected": np.float64(1)}, "w")[2] == [3.0, 1.0]
+    assert formats.PARSERS["pairwise"](
+        {"prompt": "p", "chosen": "a", "rejected": "b", "score_chosen": np.int64(3), "score_rejected": np.float64(1)},
+        "w",
+    )[2] == [3.0, 1.0]
     with pytest.raises(DataError, match=r"w: field 'all_rm_scores\[1\]': score is nan"):
         formats.PARSERS["simpo"]({**row, "all_rm_scores": np.array([1.0, np.nan])}, "w")
     with pytest.raises(DataError, match=r"w: field 'all_rm_scores\[0\]': expected a number, got bool"):
@@ -945,17 +1227,32 @@ def test_nectar_ranks_and_turns():
     groups, report = read_groups(os.path.join(TESTDATA, "nectar.jsonl"))
     assert "(nectar)" in report.source
     assert [(g.prompt, g.responses, g.scores) for g in groups] == [
-        ("What is the capital of France?", ["Paris.", "Lyon is the capital.", "It is Paris, I think."], [1.0, 0.0, 0.5]),
-        ([{"role": "user", "content": "Name a prime number."}, {"role": "assistant", "content": "7 is one."},
-          {"role": "user", "content": "Another one?"}], ["8", "11", "13 is prime."], [0.0, 1.0, 0.5])]
+        (
+            "What is the capital of France?",
+            ["Paris.", "Lyon is the capital.", "It is Paris, I think."],
+            [1.0, 0.0, 0.5],
+        ),
+        (
+            [
+                {"role": "user", "content": "Name a prime number."},
+                {"role": "assistant", "content": "7 is one."},
+                {"role": "user", "content": "Another one?"},
+            ],
+            ["8", "11", "13 is prime."],
+            [0.0, 1.0, 0.5],
+        ),
+    ]
     assert data.scale_scores(groups)[0].scores == [1.0, 0.0, 0.5]
 
 
-@pytest.mark.parametrize("prompt,message", [
-    ("Question\n\nHuman: hi\n\nAssistant:", "text before the first 'Human:' turn"),
-    ("\n\nHuman: hi\n\nAssistant: done", "does not end with an empty 'Assistant:' turn"),
-    ("\n\nHuman: hi\n\nHuman: again\n\nAssistant:", "do not alternate Human, Assistant"),
-])
+@pytest.mark.parametrize(
+    "prompt,message",
+    [
+        ("Question\n\nHuman: hi\n\nAssistant:", "text before the first 'Human:' turn"),
+        ("\n\nHuman: hi\n\nAssistant: done", "does not end with an empty 'Assistant:' turn"),
+        ("\n\nHuman: hi\n\nHuman: again\n\nAssistant:", "do not alternate Human, Assistant"),
+    ],
+)
 def test_nectar_bad_rows(tmp_path, prompt, message):
     """Malformed Nectar transcripts and ranks: one line naming file, line and field."""
     answers = [{"answer": "a", "model": "m", "rank": 1}, {"answer": "b", "model": "m", "rank": 2}]
@@ -970,7 +1267,9 @@ def test_argilla_ratings_are_scores():
     them, not 1/0: so a tie (3.0 and 3.0 on line 3) is skipped as any tie is."""
     groups, report = read_groups(os.path.join(TESTDATA, "argilla_pairwise.jsonl"))
     assert [(g.prompt, g.responses, g.scores) for g in groups] == [
-        ("What is the capital of France?", ["Paris.", "Lyon is the capital."], [5.0, 1.5]), ("Name a prime number.", ["7", "8"], [4.0, 2.0])]
+        ("What is the capital of France?", ["Paris.", "Lyon is the capital."], [5.0, 1.5]),
+        ("Name a prime number.", ["7", "8"], [4.0, 2.0]),
+    ]
     assert report.skipped == {"all scores equal": [3]}
 
 
@@ -980,13 +1279,20 @@ def test_single_response_rows_grouped_by_prompt(tmp_path):
     path = os.path.join(TESTDATA, "helpsteer2.jsonl")
     groups, report = read_groups(path, score_field="correctness")
     assert [(g.prompt, g.responses, g.scores, g.line) for g in groups] == [
-        ("What is the capital of France?", ["Paris.", "Lyon is the capital."], [4.0, 0.0], 1), ("Name a prime number.", ["7", "8"], [4.0, 0.0], 3),
-        ("Say hi in French.", ["Bonjour!", "Hello."], [4.0, 1.0], 5)]
+        ("What is the capital of France?", ["Paris.", "Lyon is the capital."], [4.0, 0.0], 1),
+        ("Name a prime number.", ["7", "8"], [4.0, 0.0], 3),
+        ("Say hi in French.", ["Bonjour!", "Hello."], [4.0, 1.0], 5),
+    ]
     assert "(single)" in report.source and (report.rows, report.kept) == (3, 3)
     _, report = read_groups(path, score_field="helpfulness")
     assert report.skipped == {"all scores equal": [5]}
-    with pytest.raises(DataError, match=re.escape(f"{path}:1: rows of one response each need the field to score by: pass score_field "
-                                                  "(--score_field) one of helpfulness, correctness, coherence, complexity, verbosity")):
+    with pytest.raises(
+        DataError,
+        match=re.escape(
+            f"{path}:1: rows of one response each need the field to score by: pass score_field "
+            "(--score_field) one of helpfulness, correctness, coherence, complexity, verbosity"
+        ),
+    ):
         read_groups(path)
     with pytest.raises(DataError, match="score_field applies to rows of one response each"):
         read_groups(os.path.join(TESTDATA, "canonical.jsonl"), score_field="helpfulness")
@@ -995,7 +1301,11 @@ def test_single_response_rows_grouped_by_prompt(tmp_path):
 def test_ties_kept_for_point_wise_losses(tmp_path):
     """require_preference=False keeps groups whose scores are all equal (the point-wise losses learn from each score
     alone), in read_groups and tokenize_groups alike; other skips still apply."""
-    rows = [GOOD, {"prompt": "p", "responses": ["a", "b"], "scores": [3, 3]}, {"prompt": "p", "responses": ["a"], "scores": [3]}]
+    rows = [
+        GOOD,
+        {"prompt": "p", "responses": ["a", "b"], "scores": [3, 3]},
+        {"prompt": "p", "responses": ["a"], "scores": [3]},
+    ]
     groups, report = read_groups(write(tmp_path, "t.jsonl", rows), require_preference=False)
     assert [g.line for g in groups] == [1, 2] and report.skipped == {"fewer than 2 responses": [3]}
     tok = ChatTokenizer.from_pretrained(llama3_dir(tmp_path / "m"))
@@ -1017,10 +1327,15 @@ def test_long_texts_cut_before_tokenizing_keep_the_same_tokens(tmp_path):
     bound = 2 * max_length * tok.max_token_chars
     long_text = " ".join(CORPUS) * 3
     assert len(long_text) > 4 * bound
-    g = Group([{"role": "system", "content": long_text}, {"role": "user", "content": "Hello there!"}], [long_text, "ok"], [2.0, 1.0], 1)
+    g = Group(
+        [{"role": "system", "content": long_text}, {"role": "user", "content": "Hello there!"}],
+        [long_text, "ok"],
+        [2.0, 1.0],
+        1,
+    )
     (t,), report = tokenize_groups([g], tok, max_length, max_prompt_length)
     full_prompt = tok.encode_prompt(g.prompt)
-    assert t.prompt_ids == [tok.bos_id] + full_prompt[-(max_prompt_length - 1):]
+    assert t.prompt_ids == [tok.bos_id] + full_prompt[-(max_prompt_length - 1) :]
     room = max_length - max_prompt_length
     assert t.response_ids == [tok.encode_response(long_text)[:room], tok.encode_response("ok")]
     assert (report.cut_texts, report.truncated_prompts, report.truncated_responses) == (2, 1, 1)
@@ -1043,8 +1358,30 @@ def test_cli_reads_folders_lists_and_formats(tmp_path, capsys):
     (tmp_path / "d").mkdir()
     for name in ("canonical.jsonl", "rrhf.jsonl"):
         (tmp_path / "d" / name).write_text(read_testdata(name))
-    data.main(["--model", path, "--data", str(tmp_path / "d"), os.path.join(TESTDATA, "simpo.jsonl"), "--date_string", "01 Jan 2025"])
+    data.main(
+        [
+            "--model",
+            path,
+            "--data",
+            str(tmp_path / "d"),
+            os.path.join(TESTDATA, "simpo.jsonl"),
+            "--date_string",
+            "01 Jan 2025",
+        ]
+    )
     out = capsys.readouterr().out
-    assert "template llama3.1" in out and "(3 files, canonical, rrhf, simpo)" in out and "groups: 9, responses: 18" in out
-    data.main(["--model", path, "--data", os.path.join(TESTDATA, "helpsteer2.jsonl"), "--score_field", "helpfulness", "--keep_ties"])
+    assert (
+        "template llama3.1" in out and "(3 files, canonical, rrhf, simpo)" in out and "groups: 9, responses: 18" in out
+    )
+    data.main(
+        [
+            "--model",
+            path,
+            "--data",
+            os.path.join(TESTDATA, "helpsteer2.jsonl"),
+            "--score_field",
+            "helpfulness",
+            "--keep_ties",
+        ]
+    )
     assert "groups: 3, responses: 6" in capsys.readouterr().out

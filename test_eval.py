@@ -26,7 +26,6 @@ from model import Llama
 from packing import Scoring
 
 
-
 def test_kendall_tau_b_hand_examples():
     """Same order: 1; reversed: -1. x = (1, 2, 3), y = (1, 1, 2): pair (1, 2) is tied in y, the
     other two are concordant, so tau_b = 2 / sqrt(3 * 2). All y equal: undefined (NaN)."""
@@ -72,7 +71,14 @@ def test_metrics_on_hand_made_groups():
     mask = torch.tensor([[True, True, True], [True, True, False]])
     rows = ev.group_rows(logps, scores, mask)
     m = ev.metrics_of(rows)
-    expected = {"p_chosen": 0.3, "p_rejected": 0.7 / 3, "margin": 0.3 - 0.7 / 3, "top1_acc": 0.5, "pair_acc": 0.75, "kendall_tau": 0.0}
+    expected = {
+        "p_chosen": 0.3,
+        "p_rejected": 0.7 / 3,
+        "margin": 0.3 - 0.7 / 3,
+        "top1_acc": 0.5,
+        "pair_acc": 0.75,
+        "kendall_tau": 0.0,
+    }
     for k, v in expected.items():
         assert abs(m[k] - v) < 1e-6, k
     # one group alone: A is perfect, B entirely wrong
@@ -125,7 +131,9 @@ def test_score_groups_matches_one_response_at_a_time(tiny):
                 logprobs = model(ids)[0].float().log_softmax(-1)  # (T, V)
             P = len(g.prompt_ids)
             means.append(sum(logprobs[P - 1 + i, t].item() for i, t in enumerate(r)) / len(r))
-        tied_best = [k for k, s in enumerate(g.scores) if s == max(g.scores)]  # every response tied for best is a chosen
+        tied_best = [
+            k for k, s in enumerate(g.scores) if s == max(g.scores)
+        ]  # every response tied for best is a chosen
         p_chosen = sum(math.exp(means[k]) for k in tied_best) / len(tied_best)
         assert abs(row[ev.SUMS.index("p_chosen")] - p_chosen) < 1e-6
         tau = ev.kendall_tau_b(torch.tensor([means]), torch.tensor([g.scores]))[0].item()
@@ -135,8 +143,24 @@ def test_score_groups_matches_one_response_at_a_time(tiny):
 def test_eval_cli_metrics(tiny, tmp_path, capsys):
     """`eval.py --model --data --out`: the JSON has every metric, with an interval around it."""
     out = tmp_path / "metrics.json"
-    ev.main(["--model", str(tiny / "model"), "--data", os.path.join(DEMO, "eval.jsonl"), "--max_length", "64",
-             "--max_prompt_length", "32", "--bootstrap", "100", "--out", str(out), "--micro_batch_size", "64"])
+    ev.main(
+        [
+            "--model",
+            str(tiny / "model"),
+            "--data",
+            os.path.join(DEMO, "eval.jsonl"),
+            "--max_length",
+            "64",
+            "--max_prompt_length",
+            "32",
+            "--bootstrap",
+            "100",
+            "--out",
+            str(out),
+            "--micro_batch_size",
+            "64",
+        ]
+    )
     res = json.loads(out.read_text())
     assert res["groups"] == 300 and res["bootstrap"] == 100
     for k in ev.METRICS:
@@ -165,8 +189,9 @@ def stub_generate_batch(tok, calls, reply="c a b"):
     """A generate_batch that records each call's prompts and settings and answers `reply` to all."""
 
     def stub(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, stop_ids=(), generators=None, **kw):
-        calls.append({"prompts": [list(p) for p in prompts], "temperature": list(temperature),
-                      "generators": generators})
+        calls.append(
+            {"prompts": [list(p) for p in prompts], "temperature": list(temperature), "generators": generators}
+        )
         return [tok.encode(reply) + [tok.eos_id] for _ in prompts]
 
     return stub
@@ -179,9 +204,11 @@ def test_mt_bench_batched_turns_temperatures_and_fastchat_loading(tiny, tmp_path
     FastChat's per category (writing 0.7, math 0.0, a category not in its table 0.7), one seeded
     generator per row. The file loads with FastChat's load_model_answers (restated above) under its
     base name, and holds FastChat's keys: question_id, answer_id, model_id, choices[0].turns, tstamp."""
-    qs = [{"question_id": 81, "category": "writing", "turns": ["sort b a c", "now reverse it"]},
-          {"question_id": 111, "category": "math", "turns": ["sort d c"]},
-          {"question_id": 7, "category": "other", "turns": ["sort e f d", "again"]}]
+    qs = [
+        {"question_id": 81, "category": "writing", "turns": ["sort b a c", "now reverse it"]},
+        {"question_id": 111, "category": "math", "turns": ["sort d c"]},
+        {"question_id": 7, "category": "other", "turns": ["sort e f d", "again"]},
+    ]
     questions = write_questions(tmp_path / "question.jsonl", qs)
     tok = ChatTokenizer.from_pretrained(tiny / "model")
     calls = []
@@ -206,8 +233,18 @@ def test_mt_bench_batched_turns_temperatures_and_fastchat_loading(tiny, tmp_path
         assert r["choices"] == [{"index": 0, "turns": ["c a b"] * len(q["turns"])}]
     calls.clear()
     answers.unlink()
-    ev.main(["--model", str(tiny / "model"), "--generate", str(questions), "--answers", str(answers),
-             "--temperature", "0.3"])
+    ev.main(
+        [
+            "--model",
+            str(tiny / "model"),
+            "--generate",
+            str(questions),
+            "--answers",
+            str(answers),
+            "--temperature",
+            "0.3",
+        ]
+    )
     assert calls[0]["temperature"] == [0.3] * 3 and calls[1]["temperature"] == [0.3] * 2
 
 
@@ -217,8 +254,14 @@ def test_arena_hard_answers(tiny, tmp_path, monkeypatch):
     and each answer turn is {"content", "token_len"} as Arena-Hard's gen_answer.py writes it, read
     back as its show_result.py does (choices[0].turns[0].token_len); with no tiktoken encoding at
     hand token_len counts the model's tokens without the stop token (here 3 + 0)."""
-    qs = [{"question_id": "328c149ed45a41c0b9d6f14659e63599", "category": "arena-hard-v0.1",
-           "cluster": "ABC Sequence Puzzles & Groups", "turns": [{"content": "sort b a c"}]}]
+    qs = [
+        {
+            "question_id": "328c149ed45a41c0b9d6f14659e63599",
+            "category": "arena-hard-v0.1",
+            "cluster": "ABC Sequence Puzzles & Groups",
+            "turns": [{"content": "sort b a c"}],
+        }
+    ]
     questions = write_questions(tmp_path / "question.jsonl", qs)
     tok = ChatTokenizer.from_pretrained(tiny / "model")
     calls = []
@@ -242,9 +285,23 @@ def test_alpaca_eval_answers_schema(tiny, tmp_path):
     qs = [{"instruction": "sort b a", "dataset": "helpful_base"}, {"instruction": "sort c a b"}]
     questions.write_text(json.dumps(qs))
     answers = tmp_path / "outputs.json"
-    ev.main(["--model", str(tiny / "model"), "--generate", str(questions), "--answers", str(answers), "--max_new_tokens", "5"])
+    ev.main(
+        [
+            "--model",
+            str(tiny / "model"),
+            "--generate",
+            str(questions),
+            "--answers",
+            str(answers),
+            "--max_new_tokens",
+            "5",
+        ]
+    )
     records = json.loads(answers.read_text())
-    assert [set(r) for r in records] == [{"instruction", "output", "generator", "dataset"}, {"instruction", "output", "generator"}]
+    assert [set(r) for r in records] == [
+        {"instruction", "output", "generator", "dataset"},
+        {"instruction", "output", "generator"},
+    ]
     assert [r["instruction"] for r in records] == ["sort b a", "sort c a b"]
     assert all(isinstance(r["output"], str) and r["generator"] == "model" for r in records)
     assert sorted(os.listdir(tmp_path)) == ["alpaca_eval.json", "outputs.json"]
@@ -258,8 +315,16 @@ def test_restart_skips_answered_questions(tiny, tmp_path, monkeypatch):
     qs = [{"question_id": i, "category": "math", "turns": [f"sort {c} a"]} for i, c in ((1, "b"), (2, "c"), (3, "d"))]
     questions = write_questions(tmp_path / "question.jsonl", qs)
     answers = tmp_path / "m.jsonl"
-    argv = ["--model", str(tiny / "model"), "--generate", str(questions), "--answers", str(answers),
-            "--max_new_tokens", "4"]
+    argv = [
+        "--model",
+        str(tiny / "model"),
+        "--generate",
+        str(questions),
+        "--answers",
+        str(answers),
+        "--max_new_tokens",
+        "4",
+    ]
     ev.main(argv)
     lines = answers.read_text().splitlines(keepends=True)
     answers.write_text(lines[0] + lines[1][: len(lines[1]) // 2])  # killed while writing the second line
@@ -295,8 +360,17 @@ def test_sampled_answers_independent_of_order_batch_and_ranks(tiny, tmp_path):
     ev.main(common + ["--generate", str(fwd), "--answers", str(tmp_path / "a" / "m.jsonl"), "--gen_batch_size", "5"])
     ev.main(common + ["--generate", str(bwd), "--answers", str(tmp_path / "b" / "m.jsonl"), "--gen_batch_size", "2"])
     ev.main(common + ["--generate", str(fwd), "--answers", str(tmp_path / "s" / "m.jsonl"), "--seed", "1"])
-    out = run_cli(*common, "--generate", fwd, "--answers", tmp_path / "c" / "m.jsonl", "--gen_batch_size", "3",
-                  nproc=2, script="eval.py")
+    out = run_cli(
+        *common,
+        "--generate",
+        fwd,
+        "--answers",
+        tmp_path / "c" / "m.jsonl",
+        "--gen_batch_size",
+        "3",
+        nproc=2,
+        script="eval.py",
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     a = answer_texts(tmp_path / "a" / "m.jsonl")
     assert answer_texts(tmp_path / "b" / "m.jsonl") == a
@@ -313,15 +387,22 @@ def test_bad_question_file(tmp_path):
     bad.write_text(json.dumps({"prompt": "hi"}) + "\n")
     with pytest.raises(ev.QuestionError, match=r"q.jsonl:1: neither MT-Bench"):
         ev.read_questions(str(bad))
-    bad.write_text(json.dumps({"question_id": 1, "turns": ["a"]}) + "\n" + json.dumps({"question_id": 2, "turns": [3]}) + "\n")
+    bad.write_text(
+        json.dumps({"question_id": 1, "turns": ["a"]}) + "\n" + json.dumps({"question_id": 2, "turns": [3]}) + "\n"
+    )
     with pytest.raises(ev.QuestionError, match=r"q.jsonl:2: an MT-Bench question needs"):
         ev.read_questions(str(bad))
-    bad.write_text(json.dumps({"question_id": "x", "turns": [{"content": "a"}]}) + "\n"
-                   + json.dumps({"question_id": "y", "turns": [{"text": "b"}]}) + "\n")
+    bad.write_text(
+        json.dumps({"question_id": "x", "turns": [{"content": "a"}]})
+        + "\n"
+        + json.dumps({"question_id": "y", "turns": [{"text": "b"}]})
+        + "\n"
+    )
     with pytest.raises(ev.QuestionError, match=r"q.jsonl:2: an Arena-Hard question needs"):
         ev.read_questions(str(bad))
-    bad.write_text(json.dumps({"question_id": 1, "turns": ["a"]}) + "\n"
-                   + json.dumps({"question_id": 1, "turns": ["b"]}) + "\n")
+    bad.write_text(
+        json.dumps({"question_id": 1, "turns": ["a"]}) + "\n" + json.dumps({"question_id": 1, "turns": ["b"]}) + "\n"
+    )
     with pytest.raises(ev.QuestionError, match=r"q.jsonl:2: question_id 1 appears twice"):
         ev.read_questions(str(bad))
 

@@ -32,10 +32,26 @@ CLIP = 0.03  # below every step's gradient norm here (about 0.05), so clipping a
 @pytest.fixture(scope="module")
 def runs(setup, tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp")
-    args = common(setup, root / "x", **{"--loss": "pair_mnm", "--max_steps": 6, "--max_tokens": 120, "--grad_clip": CLIP,
-                                        "--save_every": 3, "--save_total_limit": 5, "--eval_data": setup["data"], "--eval_every": 3})
+    args = common(
+        setup,
+        root / "x",
+        **{
+            "--loss": "pair_mnm",
+            "--max_steps": 6,
+            "--max_tokens": 120,
+            "--grad_clip": CLIP,
+            "--save_every": 3,
+            "--save_total_limit": 5,
+            "--eval_data": setup["data"],
+            "--eval_every": 3,
+        },
+    )
     run(*args, "--out", root / "one")
-    for name, extra in (("ddp", []), ("fsdp", ["--fsdp", "--gradient_checkpointing"]), ("fsdp_last", ["--fsdp", "--fsdp_grad_sync", "last"])):
+    for name, extra in (
+        ("ddp", []),
+        ("fsdp", ["--fsdp", "--gradient_checkpointing"]),
+        ("fsdp_last", ["--fsdp", "--fsdp_grad_sync", "last"]),
+    ):
         r = run_cli(*args, "--out", root / name, *extra, nproc=2)
         assert r.returncode == 0, r.stderr[-3000:]
     return {"root": root, "args": args}
@@ -92,21 +108,36 @@ def held_gradients(model_dir, grad_sync, micro_steps=3):
     model = parallel.load(model_dir)
     params = list(model.parameters())
     # FSDP2's internals: one FSDPParam per parameter, on each fully_shard-ed module's param group
-    fsdp_params = [fp for m in model.modules() if hasattr(m, "_get_fsdp_state")
-                   for fp in (m._get_fsdp_state()._fsdp_param_group.fsdp_params if m._get_fsdp_state()._fsdp_param_group else [])]
+    fsdp_params = [
+        fp
+        for m in model.modules()
+        if hasattr(m, "_get_fsdp_state")
+        for fp in (m._get_fsdp_state()._fsdp_param_group.fsdp_params if m._get_fsdp_state()._fsdp_param_group else [])
+    ]
     assert len(fsdp_params) == len(params)
     ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(parallel.rank))
     held = []
     for i in range(micro_steps):
         with parallel.sync(last=i == micro_steps - 1):
             model(ids).logsumexp(-1).mean().backward()
-        unsharded = [fp._unsharded_param.grad if fp.unsharded_accumulated_grad is None else fp.unsharded_accumulated_grad
-                     for fp in fsdp_params if hasattr(fp, "_unsharded_param")]
-        held.append({"shards": sum(p.grad.to_local().nbytes for p in params if p.grad is not None),
-                     "unsharded": sum(g.nbytes for g in unsharded if g is not None)})
+        unsharded = [
+            fp._unsharded_param.grad if fp.unsharded_accumulated_grad is None else fp.unsharded_accumulated_grad
+            for fp in fsdp_params
+            if hasattr(fp, "_unsharded_param")
+        ]
+        held.append(
+            {
+                "shards": sum(p.grad.to_local().nbytes for p in params if p.grad is not None),
+                "unsharded": sum(g.nbytes for g in unsharded if g is not None),
+            }
+        )
     grads = {name: p.grad.full_tensor().tolist() for name, p in model.named_parameters()}
-    return {"held": held, "local_bytes": sum(p.to_local().nbytes for p in params), "full_bytes": sum(p.nbytes for p in params),
-            "grads": grads}
+    return {
+        "held": held,
+        "local_bytes": sum(p.to_local().nbytes for p in params),
+        "full_bytes": sum(p.nbytes for p in params),
+        "grads": grads,
+    }
 
 
 def test_gradients_held_between_micro_steps(setup, tmp_path):
@@ -123,7 +154,12 @@ def test_gradients_held_between_micro_steps(setup, tmp_path):
         json.dump({**config, "is_llama_config": True, "unsloth_version": "2024.9"}, f)
     r = run_cli(model, tmp_path, nproc=2, script="test_fsdp.py")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.count("config.json: ignoring is_llama_config, unsloth_version (transformers does not read them either)") == 2
+    assert (
+        r.stdout.count(
+            "config.json: ignoring is_llama_config, unsloth_version (transformers does not read them either)"
+        )
+        == 2
+    )
     out = {}
     for rank in range(2):
         with open(tmp_path / f"rank{rank}.json") as f:
@@ -135,15 +171,22 @@ def test_gradients_held_between_micro_steps(setup, tmp_path):
         assert every["held"] == [{"shards": local, "unsharded": 0}] * 3, rank
         assert last["held"] == [{"shards": 0, "unsharded": full}] * 2 + [{"shards": local, "unsharded": 0}], rank
         for name, g in every["grads"].items():
-            torch.testing.assert_close(torch.tensor(last["grads"][name]), torch.tensor(g), rtol=1e-5, atol=1e-7,
-                                       msg=lambda report, name=name: f"{name}: {report}")
+            torch.testing.assert_close(
+                torch.tensor(last["grads"][name]),
+                torch.tensor(g),
+                rtol=1e-5,
+                atol=1e-7,
+                msg=lambda report, name=name: f"{name}: {report}",
+            )
 
 
 def test_resume_is_bit_identical(runs, tmp_path):
     """An FSDP run that has only checkpoint-3 (as if it had died after writing it) resumes on 2
     processes and ends with exactly the weights of the uninterrupted run."""
     full = runs["root"] / "fsdp"
-    assert {"sharded", "trainer_state.pt", "config.json", "model.safetensors.index.json"} <= set(os.listdir(full / "checkpoint-3"))
+    assert {"sharded", "trainer_state.pt", "config.json", "model.safetensors.index.json"} <= set(
+        os.listdir(full / "checkpoint-3")
+    )
     shutil.copytree(full / "checkpoint-3", tmp_path / "checkpoint-3")
     r = run_cli(*runs["args"], "--out", tmp_path, "--fsdp", "--gradient_checkpointing", "--resume", nproc=2)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -181,7 +224,9 @@ def test_resume_across_ddp_and_fsdp_fails_in_one_line(runs, written_by):
     """--resume refuses a checkpoint written in the other mode (the AdamW state is one file under
     DDP, DCP shards under FSDP) and says how to go on from its weights instead."""
     flag = [] if written_by == "fsdp" else ["--fsdp"]
-    with pytest.raises(SystemExit, match="--fsdp; resume the same way, or start a new run from its weights with --model"):
+    with pytest.raises(
+        SystemExit, match="--fsdp; resume the same way, or start a new run from its weights with --model"
+    ):
         run(*runs["args"], "--out", runs["root"] / written_by, "--resume", *flag)
 
 

@@ -25,9 +25,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SMOLLM2 = os.path.join(HERE, "testdata", "configs", "HuggingFaceTB--SmolLM2-135M-Instruct.json")
 SMOLLM2_TEMPLATE = os.path.join(HERE, "testdata", "smollm2-instruct.chat_template.jinja")
 SHRUNK = dict(hidden_size=144, intermediate_size=384, num_hidden_layers=2)  # 9 heads / 3 kv heads of width 16 kept
-QUESTIONS = ["Hi", "Sort: 3 1 2", "What is the capital of France?",
-             "Write a short poem about the sea and the wind over it at night, in four lines.",
-             "Explain why the sky is blue and why sunsets are red, in two sentences, for a child of five or six."]
+QUESTIONS = [
+    "Hi",
+    "Sort: 3 1 2",
+    "What is the capital of France?",
+    "Write a short poem about the sea and the wind over it at night, in four lines.",
+    "Explain why the sky is blue and why sunsets are red, in two sentences, for a child of five or six.",
+]
 
 
 def build_tokenizer(folder):
@@ -36,15 +40,25 @@ def build_tokenizer(folder):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(QUESTIONS * 3, trainer)
     tok.save(os.path.join(folder, "tokenizer.json"))
     with open(SMOLLM2_TEMPLATE) as f:
         template = f.read()
-    config = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>",
-              "unk_token": "<|endoftext|>", "chat_template": template, "model_max_length": 8192,
-              "tokenizer_class": "PreTrainedTokenizerFast"}
+    config = {
+        "bos_token": "<|im_start|>",
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|im_end|>",
+        "unk_token": "<|endoftext|>",
+        "chat_template": template,
+        "model_max_length": 8192,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    }
     with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
         json.dump(config, f)
 
@@ -76,8 +90,12 @@ def smollm2(tmp_path_factory):
     tok = ChatTokenizer.from_pretrained(folder)
     prompts = [tok.encode_prompt(q) for q in QUESTIONS]
     hf_tok = transformers.AutoTokenizer.from_pretrained(folder)
-    assert prompts == [hf_tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
-                                                  tokenize=True, return_dict=False) for q in QUESTIONS]
+    assert prompts == [
+        hf_tok.apply_chat_template(
+            [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        for q in QUESTIONS
+    ]
     return folder, hf, Llama.from_pretrained(folder).eval(), prompts
 
 
@@ -109,8 +127,9 @@ def test_batched_greedy_equals_one_at_a_time_and_transformers(smollm2):
     ids = torch.tensor([[2] * (L - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts])
     with torch.no_grad():
-        theirs = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=32, min_new_tokens=32,
-                             do_sample=False, pad_token_id=2)[:, L:].tolist()
+        theirs = hf.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=2
+        )[:, L:].tolist()
     exact = 0
     for p, o, a, t in zip(prompts, ours, alone, theirs):
         assert len(o) == 32 and len(set(o)) > 4  # no degenerate repeat of one token
@@ -127,14 +146,16 @@ def test_stop_tokens_and_shared_prefill(smollm2):
     _, _, model, prompts = smollm2
     ref = [generate(model, p, 16) for p in prompts[:3]]
     stop = ref[1][5]
-    cut = [r[:r.index(stop) + 1] if stop in r else r for r in ref]
+    cut = [r[: r.index(stop) + 1] if stop in r else r for r in ref]
     assert generate_batch(model, prompts[:3], 16, stop_ids=[stop]) == cut
     assert generate_batch(model, prompts[:3], 16, num_samples=3) == [r for r in ref for _ in range(3)]
     seeds = [11, 12, 13, 14]
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     drawn = sample_n(model, prompts[0], 4, 12, temperature=0.8, top_p=0.95, generator=gens)
-    assert drawn == [generate(model, prompts[0], 12, temperature=0.8, top_p=0.95,
-                              generator=torch.Generator().manual_seed(s)) for s in seeds]
+    assert drawn == [
+        generate(model, prompts[0], 12, temperature=0.8, top_p=0.95, generator=torch.Generator().manual_seed(s))
+        for s in seeds
+    ]
     assert len(set(map(tuple, drawn))) > 1
 
 
@@ -146,8 +167,9 @@ def test_rows_independent_of_batch(smollm2):
     def gens(seeds):
         return [torch.Generator().manual_seed(s) for s in seeds]
 
-    both = generate_batch(model, prompts[1:4], 12, temperature=[0.7, 0.0, 1.0], top_p=[0.9, 1.0, 0.8],
-                          generators=gens([5, 6, 7]))
+    both = generate_batch(
+        model, prompts[1:4], 12, temperature=[0.7, 0.0, 1.0], top_p=[0.9, 1.0, 0.8], generators=gens([5, 6, 7])
+    )
     assert both[0] == generate_batch(model, prompts[1:2], 12, temperature=0.7, top_p=0.9, generators=gens([5]))[0]
     assert both[2] == generate_batch(model, prompts[3:4], 12, temperature=1.0, top_p=0.8, generators=gens([7]))[0]
     assert both[1] == generate(model, prompts[2], 12)
@@ -156,7 +178,7 @@ def test_rows_independent_of_batch(smollm2):
 def nucleus(p, top_p, top_k):
     """The reference: probabilities p cut to the top_k most likely, renormalised, then to the shortest
     most-likely prefix whose mass reaches top_p, renormalised; a plain loop over the sorted tokens."""
-    order = sorted(range(len(p)), key=lambda i: -p[i])[:top_k or len(p)]
+    order = sorted(range(len(p)), key=lambda i: -p[i])[: top_k or len(p)]
     total = sum(p[i] for i in order)
     kept, mass = [], 0.0
     for i in order:
@@ -174,8 +196,13 @@ def chi2_threshold(df, z=4.753):
 
 
 PEAKED = [3.0, 2.5, 2.0, 1.5, 1.0] + [-8.0] * 2995  # 98% of the mass on 5 tokens: top-p sorts only candidates
-CASES = {"T0.7-p0.8": (0.7, 0.8, 0, None), "T1.3-p0.95": (1.3, 0.95, 0, None), "T1-p0.9-k3": (1.0, 0.9, 3, None),
-         "T0.5": (0.5, 1.0, 0, None), "3000-tokens-p0.84": (1.0, 0.84, 0, PEAKED)}
+CASES = {
+    "T0.7-p0.8": (0.7, 0.8, 0, None),
+    "T1.3-p0.95": (1.3, 0.95, 0, None),
+    "T1-p0.9-k3": (1.0, 0.9, 3, None),
+    "T0.5": (0.5, 1.0, 0, None),
+    "3000-tokens-p0.84": (1.0, 0.84, 0, PEAKED),
+}
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -206,8 +233,10 @@ def test_sample_n_first_token_distribution(smollm2):
     next-token probabilities cut to its top 4 (chi-square, threshold as above)."""
     _, _, model, prompts = smollm2
     N = 2000
-    first = [s[0] for s in sample_n(model, prompts[1], N, 1, temperature=1.5, top_k=4,
-                                    generator=torch.Generator().manual_seed(0))]
+    first = [
+        s[0]
+        for s in sample_n(model, prompts[1], N, 1, temperature=1.5, top_k=4, generator=torch.Generator().manual_seed(0))
+    ]
     with torch.no_grad():
         logits = model(torch.tensor([prompts[1]]))[0, -1].float()
     expected = nucleus(torch.softmax(logits / 1.5, -1).tolist(), 1.0, 4)
@@ -224,9 +253,19 @@ SCORER = "def score(prompt, response):\n    return float(len(set(response)) % 3)
 
 
 def pipeline_flags(root, out, **changes):
-    flags = {"--model": root / "model", "--out": out, "--num_samples": 5, "--max_new_tokens": 3, "--temperature": 1.0,
-             "--top_k": 2, "--scorer": f"{root / 'scorer.py'}:score", "--chunk_size": 2, "--batch_size": 2,
-             "--seed": 0, **changes}
+    flags = {
+        "--model": root / "model",
+        "--out": out,
+        "--num_samples": 5,
+        "--max_new_tokens": 3,
+        "--temperature": 1.0,
+        "--top_k": 2,
+        "--scorer": f"{root / 'scorer.py'}:score",
+        "--chunk_size": 2,
+        "--batch_size": 2,
+        "--seed": 0,
+        **changes,
+    }
     prompts = ["--prompts", str(root / "prompts.jsonl"), str(root / "more.jsonl")]
     return prompts + [str(x) for kv in flags.items() for x in kv]
 
@@ -268,9 +307,28 @@ def test_groups_file(groups, capsys):
     ties = sum(len(set(r["scores"])) == 1 for r in rows)
     assert f"{len(rows)} groups; {ties} with all scores tied" in capsys.readouterr().out
     assert 0 < ties < len(rows)
-    out = run("--model", root / "model", "--data", root / "g.jsonl", "--loss", "pair_mnm", "--out", root / "train",
-              "--max_steps", 1, "--batch_size", 2, "--micro_batch_size", 2, "--max_length", 64,
-              "--max_prompt_length", 32, "--log_every", 1)
+    out = run(
+        "--model",
+        root / "model",
+        "--data",
+        root / "g.jsonl",
+        "--loss",
+        "pair_mnm",
+        "--out",
+        root / "train",
+        "--max_steps",
+        1,
+        "--batch_size",
+        2,
+        "--micro_batch_size",
+        2,
+        "--max_length",
+        64,
+        "--max_prompt_length",
+        32,
+        "--log_every",
+        1,
+    )
     assert os.path.exists(os.path.join(out, "config.json"))
 
 
@@ -325,14 +383,15 @@ def test_groups_scored_by_reward_model(groups):
     make_reward_model(root / "rm")
     flags = pipeline_flags(root, root / "rm.jsonl", **{"--num_samples": 3})
     at = flags.index("--scorer")
-    main(flags[:at] + ["--reward_model", str(root / "rm")] + flags[at + 2:])
+    main(flags[:at] + ["--reward_model", str(root / "rm")] + flags[at + 2 :])
     rows = [json.loads(line) for line in open(root / "rm.jsonl")]
     assert [r["prompt"] for r in rows] == prompts and rows[0]["sampling"]["scored_by"] == str(root / "rm")
     rm = RewardModel.from_pretrained(root / "rm")
     for r in rows:
-        assert r["scores"] == pytest.approx(rm.score_texts([r["prompt"]] * len(r["responses"]), r["responses"]),
-                                            abs=1e-5)
+        assert r["scores"] == pytest.approx(
+            rm.score_texts([r["prompt"]] * len(r["responses"]), r["responses"]), abs=1e-5
+        )
     with pytest.raises(SystemExit, match="'architectures' is \\['LlamaForCausalLM'\\]"):
         refused = pipeline_flags(root, root / "refused.jsonl")
-        main(refused[:at] + ["--reward_model", str(root / "model")] + refused[at + 2:])
+        main(refused[:at] + ["--reward_model", str(root / "model")] + refused[at + 2 :])
     assert not os.path.exists(root / "refused.jsonl.parts")

@@ -99,8 +99,11 @@ def test_killed_save_never_leaves_half_a_checkpoint(tmp_path):
     runs = {}
     for k in range(1, 10):  # independent runs, a few at a time (each is mostly torch's import)
         shutil.copytree(tmp_path / "old", tmp_path / f"run{k}" / "ckpt")
-        runs[k] = subprocess.Popen([sys.executable, "-c", CRASH_SAVE, str(tmp_path / f"run{k}" / "ckpt"), str(src)],
-                                   cwd=repo, env={**os.environ, "MPPO_CRASH_AFTER": str(k)})
+        runs[k] = subprocess.Popen(
+            [sys.executable, "-c", CRASH_SAVE, str(tmp_path / f"run{k}" / "ckpt"), str(src)],
+            cwd=repo,
+            env={**os.environ, "MPPO_CRASH_AFTER": str(k)},
+        )
         if k % 3 == 0:
             [run.wait() for run in runs.values()]
     seen = []
@@ -114,8 +117,9 @@ def test_killed_save_never_leaves_half_a_checkpoint(tmp_path):
                 assert os.listdir(out.parent) == ["ckpt"]
             if out.exists():
                 weights = Llama.from_pretrained(out).state_dict()
-                which = [s for s, m in models.items()
-                         if all(torch.equal(weights[n], w) for n, w in m.state_dict().items())]
+                which = [
+                    s for s, m in models.items() if all(torch.equal(weights[n], w) for n, w in m.state_dict().items())
+                ]
                 assert len(which) == 1 and (out / "tokenizer.json").exists()
                 states.append(which[0])
             else:
@@ -151,17 +155,27 @@ def test_clean_stale_repairs_leftovers(tmp_path):
     assert not (tmp_path / "x.tmp").exists() and (tmp_path / "x" / "marker").read_text() == "b.old"
 
 
-BASE_CONFIG = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128, hidden_size=64,
-                   intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                   rope_parameters=dict(LLAMA3))
+BASE_CONFIG = dict(
+    architectures=["LlamaForCausalLM"],
+    model_type="llama",
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    rope_parameters=dict(LLAMA3),
+)
 REFUSED = {  # case: (change to BASE_CONFIG, what the message must say: the key, and for most the value)
     "other-architecture": (dict(architectures=["MistralForCausalLM"]), "'architectures' is \\['MistralForCausalLM'\\]"),
     "model-type": (dict(model_type="mistral"), "'model_type' is 'mistral'"),
     "attention-bias": (dict(attention_bias=True), "'attention_bias' is True"),
     "mlp-bias": (dict(mlp_bias=True), "'mlp_bias' is True"),
     "activation": (dict(hidden_act="gelu"), "'hidden_act' is 'gelu'"),
-    "quantized": (dict(quantization_config={"quant_method": "bitsandbytes", "load_in_4bit": True}),
-                  "'quantization_config' is {'quant_method': 'bitsandbytes'"),
+    "quantized": (
+        dict(quantization_config={"quant_method": "bitsandbytes", "load_in_4bit": True}),
+        "'quantization_config' is {'quant_method': 'bitsandbytes'",
+    ),
     "string-size": (dict(hidden_size="96"), "'hidden_size' is '96'; expected a positive integer"),
     "bool-size": (dict(num_hidden_layers=True), "'num_hidden_layers' is True"),
     "string-eps": (dict(rms_norm_eps="1e-5"), "'rms_norm_eps' is '1e-5'; expected a number"),
@@ -169,18 +183,31 @@ REFUSED = {  # case: (change to BASE_CONFIG, what the message must say: the key,
     "bad-dtype": (dict(torch_dtype="int8"), "'torch_dtype' is 'int8'"),
     "gqa-heads": (dict(num_key_value_heads=3), "'num_key_value_heads'"),
     "missing-size": (dict(hidden_size=None), "'hidden_size'"),
-    "rope-type-new": (dict(rope_parameters=dict(rope_type="yarn", factor=4.0)), "'rope_parameters.rope_type' is 'yarn'"),
-    "rope-type-old": (dict(rope_parameters=None, rope_scaling=dict(type="linear", factor=2.0)),
-                      "'rope_scaling.rope_type' is 'linear'"),
-    "rope-dynamic": (dict(rope_parameters=None, rope_scaling=dict(type="dynamic", factor=2.0)),
-                     "'rope_scaling.rope_type' is 'dynamic'"),
-    "rope-longrope": (dict(rope_parameters=None, rope_scaling=dict(rope_type="longrope", long_factor=[1.0], short_factor=[1.0])),
-                      "'rope_scaling.rope_type' is 'longrope'"),
-    "rope-yarn-old": (dict(rope_parameters=None, rope_scaling=dict(rope_type="yarn", factor=4.0)),
-                      "'rope_scaling.rope_type' is 'yarn'"),
+    "rope-type-new": (
+        dict(rope_parameters=dict(rope_type="yarn", factor=4.0)),
+        "'rope_parameters.rope_type' is 'yarn'",
+    ),
+    "rope-type-old": (
+        dict(rope_parameters=None, rope_scaling=dict(type="linear", factor=2.0)),
+        "'rope_scaling.rope_type' is 'linear'",
+    ),
+    "rope-dynamic": (
+        dict(rope_parameters=None, rope_scaling=dict(type="dynamic", factor=2.0)),
+        "'rope_scaling.rope_type' is 'dynamic'",
+    ),
+    "rope-longrope": (
+        dict(rope_parameters=None, rope_scaling=dict(rope_type="longrope", long_factor=[1.0], short_factor=[1.0])),
+        "'rope_scaling.rope_type' is 'longrope'",
+    ),
+    "rope-yarn-old": (
+        dict(rope_parameters=None, rope_scaling=dict(rope_type="yarn", factor=4.0)),
+        "'rope_scaling.rope_type' is 'yarn'",
+    ),
     "rope-string-theta": (dict(rope_parameters=None, rope_theta="10000"), "'rope_theta' is '10000'"),
-    "rope-missing-factor": (dict(rope_parameters=dict(rope_type="llama3", low_freq_factor=1.0, high_freq_factor=4.0)),
-                            "'rope_parameters.factor'"),
+    "rope-missing-factor": (
+        dict(rope_parameters=dict(rope_type="llama3", low_freq_factor=1.0, high_freq_factor=4.0)),
+        "'rope_parameters.factor'",
+    ),
     "rope-unknown-key": (dict(rope_parameters={**LLAMA3, "mscale": 1.0}), "'rope_parameters.mscale'"),
     "rope-conflict": (dict(rope_theta=500000.0), "'rope_parameters' disagrees"),
 }
@@ -212,8 +239,15 @@ def test_ignored_keys(tmp_path, capsys):
     """Keys transformers' LlamaConfig does not read (tool metadata, sliding_window, which Llama does not
     have) are ignored, recorded in config.ignored_keys in file order and named in the one line
     from_pretrained prints; transformers' own bookkeeping keys are read silently; torch_dtype is kept."""
-    extra = {"_name_or_path": "me/model", "auto_map": {"AutoConfig": "x.Config"}, "unsloth_version": "2024.9",
-             "sliding_window": 4096, "transformers_version": "4.44.0", "use_cache": False, "torch_dtype": "float16"}
+    extra = {
+        "_name_or_path": "me/model",
+        "auto_map": {"AutoConfig": "x.Config"},
+        "unsloth_version": "2024.9",
+        "sliding_window": 4096,
+        "transformers_version": "4.44.0",
+        "use_cache": False,
+        "torch_dtype": "float16",
+    }
     config = LlamaConfig.from_dict({**BASE_CONFIG, **extra})
     assert config.ignored_keys == ("_name_or_path", "auto_map", "unsloth_version", "sliding_window")
     assert config.torch_dtype == "float16" and config == LlamaConfig.from_dict(BASE_CONFIG)
@@ -223,21 +257,33 @@ def test_ignored_keys(tmp_path, capsys):
     capsys.readouterr()
     Llama.from_pretrained(tmp_path)
     lines = capsys.readouterr().out.splitlines()
-    assert lines == [f"{tmp_path / 'config.json'}: ignoring _name_or_path, auto_map, unsloth_version, sliding_window "
-                     "(transformers does not read them either)"]
+    assert lines == [
+        f"{tmp_path / 'config.json'}: ignoring _name_or_path, auto_map, unsloth_version, sliding_window "
+        "(transformers does not read them either)"
+    ]
 
 
 def test_accepted_config_spellings():
     """Old keys (rope_theta + rope_scaling with 'type'), new rope_parameters, and both at once when they
     agree, all give the same config; null values count as absent; unusual spellings of the fixed values
     transformers accepts are accepted."""
-    old = {**BASE_CONFIG, "rope_parameters": None, "rope_theta": 10000.0, "torch_dtype": "bfloat16",
-           "rope_scaling": {k if k != "rope_type" else "type": v for k, v in LLAMA3.items() if k != "rope_theta"}}
+    old = {
+        **BASE_CONFIG,
+        "rope_parameters": None,
+        "rope_theta": 10000.0,
+        "torch_dtype": "bfloat16",
+        "rope_scaling": {k if k != "rope_type" else "type": v for k, v in LLAMA3.items() if k != "rope_theta"},
+    }
     both = {**BASE_CONFIG, "rope_theta": 10000.0, "head_dim": None, "pad_token_id": None}
     configs = [LlamaConfig.from_dict(d) for d in (old, BASE_CONFIG, both)]
     assert configs[0] == configs[1] == configs[2]
-    assert configs[0].rope_scaling == {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    assert configs[0].rope_scaling == {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }
     assert (configs[0].head_dim, configs[0].num_key_value_heads) == (16, 2)
     assert LlamaConfig.from_dict(configs[0].to_dict()) == configs[0]
     # transformers computes "swish" as SiLU, and an integer 0 dropout is no dropout
@@ -311,11 +357,18 @@ def _shard_index_not_json(p):
     return "not a valid index", "model.safetensors.index.json"
 
 
-BROKEN = {"missing-tensor": (_single_missing, False), "wrong-shape": (_single_shape, False),
-          "unexpected-tensor": (_single_unexpected, False), "truncated": (_single_truncated, False),
-          "garbage-header": (_single_garbage_header, False), "int-dtype": (_single_int_dtype, False),
-          "missing-shard": (_shard_missing, True), "shard-lacks-listed-tensor": (_shard_missing_tensor, True),
-          "tensor-not-in-index": (_shard_unlisted, True), "index-not-json": (_shard_index_not_json, True)}
+BROKEN = {
+    "missing-tensor": (_single_missing, False),
+    "wrong-shape": (_single_shape, False),
+    "unexpected-tensor": (_single_unexpected, False),
+    "truncated": (_single_truncated, False),
+    "garbage-header": (_single_garbage_header, False),
+    "int-dtype": (_single_int_dtype, False),
+    "missing-shard": (_shard_missing, True),
+    "shard-lacks-listed-tensor": (_shard_missing_tensor, True),
+    "tensor-not-in-index": (_shard_unlisted, True),
+    "index-not-json": (_shard_index_not_json, True),
+}
 
 
 @pytest.mark.parametrize("case", BROKEN)

@@ -180,7 +180,13 @@ def test_tie_at_top_hand():
     }
     p, scores = TIE_TOP
     for name, value in expected.items():
-        torch.testing.assert_close(LOSSES[name](logs(p), t(scores)), t([value]), rtol=1e-12, atol=0, msg=lambda report, name=name: f"{name}: {report}")
+        torch.testing.assert_close(
+            LOSSES[name](logs(p), t(scores)),
+            t([value]),
+            rtol=1e-12,
+            atol=0,
+            msg=lambda report, name=name: f"{name}: {report}",
+        )
 
 
 def test_tie_at_top_pair_single_hand():
@@ -215,7 +221,13 @@ def test_tie_in_middle_hand():
     }
     p, scores = TIE_MIDDLE
     for name, value in expected.items():
-        torch.testing.assert_close(LOSSES[name](logs(p), t(scores)), t([value]), rtol=1e-12, atol=0, msg=lambda report, name=name: f"{name}: {report}")
+        torch.testing.assert_close(
+            LOSSES[name](logs(p), t(scores)),
+            t([value]),
+            rtol=1e-12,
+            atol=0,
+            msg=lambda report, name=name: f"{name}: {report}",
+        )
     single = mppo.pair_single(logs(p * 200), t(scores * 200), generator=torch.Generator().manual_seed(0))
     assert {round(x, 12) for x in single.tolist()} == {round(ls(0.25), 12), round(ls(0.5), 12)}
 
@@ -259,7 +271,13 @@ def test_issue_example_both_orders_agree():
     logps, scores = t([[-0.1, -2.0, -1.0]]), t([[3.0, 3.0, 1.0]])
     for name, value in expected.items():
         for order in ([0, 1, 2], [1, 0, 2]):
-            torch.testing.assert_close(LOSSES[name](logps[:, order], scores), t([value]), rtol=1e-12, atol=0, msg=lambda report, name=name: f"{name}: {report}")
+            torch.testing.assert_close(
+                LOSSES[name](logps[:, order], scores),
+                t([value]),
+                rtol=1e-12,
+                atol=0,
+                msg=lambda report, name=name: f"{name}: {report}",
+            )
 
 
 # ---------------------------------------------------------------------------
@@ -338,14 +356,22 @@ def test_two_responses_all_pairwise_losses_agree():
     w = scores.argmax(dim=1, keepdim=True)
     expected = -torch.nn.functional.logsigmoid(p.gather(1, w) - p.gather(1, 1 - w)).squeeze(1)
     for name in PAIRWISE:
-        torch.testing.assert_close(LOSSES[name](logps, scores), expected, rtol=1e-12, atol=1e-12, msg=lambda report, name=name: f"{name}: {report}")
+        torch.testing.assert_close(
+            LOSSES[name](logps, scores),
+            expected,
+            rtol=1e-12,
+            atol=1e-12,
+            msg=lambda report, name=name: f"{name}: {report}",
+        )
 
 
 @pytest.mark.parametrize("name", PAIRWISE)
 def test_no_preference_gives_zero_loss_and_zero_gradient(name):
     """A group whose scores are all equal, and a group with one present response, carry no
     preference: loss 0 and gradient 0, while a normal group in the same batch is unaffected."""
-    logps = torch.tensor([[-0.5, -1.0, -2.0], [-0.3, -0.9, -1.1], [-0.7, -0.2, -3.0]], dtype=torch.float64, requires_grad=True)
+    logps = torch.tensor(
+        [[-0.5, -1.0, -2.0], [-0.3, -0.9, -1.1], [-0.7, -0.2, -3.0]], dtype=torch.float64, requires_grad=True
+    )
     scores = t([[2.0, 2.0, 2.0], [3.0, 1.0, 2.0], [5.0, 1.0, 0.0]])
     mask = torch.tensor([[True, True, True], [True, True, True], [True, False, False]])
     loss = LOSSES[name](logps, scores, mask)
@@ -492,7 +518,9 @@ def test_permutation_invariance(name):
     logps = -torch.rand(8, 5, dtype=torch.float64) * 2 - 0.01
     scores = torch.rand(8, 5, dtype=torch.float64)  # distinct almost surely
     perm = torch.randperm(5)
-    torch.testing.assert_close(LOSSES[name](logps[:, perm], scores[:, perm]), LOSSES[name](logps, scores), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(
+        LOSSES[name](logps[:, perm], scores[:, perm]), LOSSES[name](logps, scores), rtol=1e-12, atol=1e-14
+    )
 
 
 def _permute_rows(x, perm):
@@ -522,7 +550,9 @@ def test_pair_single_permutation_invariance_one_negative():
     draw has one outcome, so a per-group permutation leaves loss and gradient (permuted alike)
     unchanged whatever the generator draws."""
     nan = float("nan")
-    logps = torch.tensor([[-0.1, -2.0, -1.0, nan], [-0.3, -0.2, -0.9, -1.7], [-1.2, -0.4, nan, nan]], dtype=torch.float64)
+    logps = torch.tensor(
+        [[-0.1, -2.0, -1.0, nan], [-0.3, -0.2, -0.9, -1.7], [-1.2, -0.4, nan, nan]], dtype=torch.float64
+    )
     scores = t([[3.0, 3.0, 1.0, nan], [2.0, 2.0, 0.0, 2.0], [0.5, 0.7, nan, nan]])
     mask = torch.tensor([[True, True, True, False], [True] * 4, [True, True, False, False]])
     perm = torch.tensor([[2, 3, 1, 0], [3, 2, 0, 1], [2, 1, 0, 3]])

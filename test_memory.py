@@ -23,9 +23,19 @@ import memory
 from conftest import run_cli
 from packing import chunked_target_logprobs
 
-SMALL = dict(vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=2048,
-             tie_word_embeddings=False, torch_dtype="float32")
+SMALL = dict(
+    vocab_size=1024,
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    max_position_embeddings=2048,
+    tie_word_embeddings=False,
+    torch_dtype="float32",
+)
 FLAGS = ["--nproc", "2", "--dtype", "float32", "--micro_batch_size", "2", "--max_tokens", "300", "--chunk_size", "64"]
 
 

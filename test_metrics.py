@@ -48,7 +48,10 @@ def test_sums_add_over_micro_batches():
     scores = torch.randint(1, 4, (6, 4), generator=g).float()  # small range: many ties
     mask = torch.rand(6, 4, generator=g) > 0.2
     whole = ranking_metrics(ranking_sums(logps, scores, mask))
-    halves = [a + b for a, b in zip(ranking_sums(logps[:3], scores[:3], mask[:3]), ranking_sums(logps[3:], scores[3:], mask[3:]))]
+    halves = [
+        a + b
+        for a, b in zip(ranking_sums(logps[:3], scores[:3], mask[:3]), ranking_sums(logps[3:], scores[3:], mask[3:]))
+    ]
     assert ranking_metrics(halves) == pytest.approx(whole, rel=1e-6)
 
 

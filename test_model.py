@@ -22,6 +22,7 @@ from model import Llama, LlamaConfig
 
 transformers.logging.set_verbosity_error()
 
+
 def random_ids(B, T, seed=0):
     return torch.randint(0, 128, (B, T), generator=torch.Generator().manual_seed(seed))
 
@@ -29,8 +30,9 @@ def random_ids(B, T, seed=0):
 PARITY_CASES = {
     "gqa-llama3-tied-sharded-newkeys": dict(shard=True),
     "gqa-llama3-untied-single-oldkeys": dict(old_style=True, tie=False, rope={**LLAMA3, "rope_theta": 500000.0}),
-    "mha-headdim8-default-untied-sharded-oldkeys": dict(shard=True, old_style=True, tie=False, nkv=4, head_dim=8,
-                                                       rope=dict(rope_type="default", rope_theta=10000.0)),
+    "mha-headdim8-default-untied-sharded-oldkeys": dict(
+        shard=True, old_style=True, tie=False, nkv=4, head_dim=8, rope=dict(rope_type="default", rope_theta=10000.0)
+    ),
     "gqa-default-tied-single-newkeys": dict(rope=dict(rope_type="default", rope_theta=10000.0)),
 }
 
@@ -73,16 +75,31 @@ CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "testdata", "
 # the model card / Hub page gives for the full-size model, and the sizes that shrink it to a tiny one
 # (the same query-heads-per-key/value-head ratio, and head_dim only where the original states it)
 HUB = {
-    "HuggingFaceTB--SmolLM2-135M-Instruct": (("is_llama_config", "rope_interleaved", "transformers.js_config"), 134_515_008,
-                                             dict(hidden_size=96, num_attention_heads=6, num_key_value_heads=2)),
-    "meta-llama--Llama-3.1-8B-Instruct": ((), 8_030_261_248,
-                                          dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=1)),
-    "meta-llama--Llama-3.2-1B-Instruct": ((), 1_235_814_400, dict(hidden_size=64, num_attention_heads=4,
-                                                                   num_key_value_heads=1, head_dim=16)),
-    "TinyLlama--TinyLlama-1.1B-Chat-v1.0": ((), 1_100_048_384,
-                                            dict(hidden_size=128, num_attention_heads=8, num_key_value_heads=1)),
-    "princeton-nlp--Llama-3-Base-8B-SFT": (("_name_or_path",), 8_030_261_248,
-                                           dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=1)),
+    "HuggingFaceTB--SmolLM2-135M-Instruct": (
+        ("is_llama_config", "rope_interleaved", "transformers.js_config"),
+        134_515_008,
+        dict(hidden_size=96, num_attention_heads=6, num_key_value_heads=2),
+    ),
+    "meta-llama--Llama-3.1-8B-Instruct": (
+        (),
+        8_030_261_248,
+        dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=1),
+    ),
+    "meta-llama--Llama-3.2-1B-Instruct": (
+        (),
+        1_235_814_400,
+        dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=1, head_dim=16),
+    ),
+    "TinyLlama--TinyLlama-1.1B-Chat-v1.0": (
+        (),
+        1_100_048_384,
+        dict(hidden_size=128, num_attention_heads=8, num_key_value_heads=1),
+    ),
+    "princeton-nlp--Llama-3-Base-8B-SFT": (
+        ("_name_or_path",),
+        8_030_261_248,
+        dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=1),
+    ),
 }
 
 
@@ -108,8 +125,11 @@ def test_hub_configs(tmp_path, capsys, name):
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for n, p in hf.named_parameters():  # as in make_checkpoint: logits spread out
-            p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g) if "norm" in n else
-                    2 * torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
+            p.copy_(
+                1 + 0.2 * torch.randn(p.shape, generator=g)
+                if "norm" in n
+                else 2 * torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1])
+            )
     state = {k: v for k, v in hf.state_dict().items() if not (hf_config.tie_word_embeddings and k == "lm_head.weight")}
     state = {k: v.to(torch.bfloat16) for k, v in state.items()}  # stored as the Hub stores them
     save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
@@ -120,9 +140,15 @@ def test_hub_configs(tmp_path, capsys, name):
     assert printed.count("ignoring") == bool(ignored) and all(k in printed for k in ignored)
     c = ours.config
     assert (c.num_key_value_heads, c.head_dim, c.tie_word_embeddings) == (
-        hf_config.num_key_value_heads, hf_config.head_dim, hf_config.tie_word_embeddings)
+        hf_config.num_key_value_heads,
+        hf_config.head_dim,
+        hf_config.tie_word_embeddings,
+    )
     assert (c.bos_token_id, c.eos_token_id, c.rope_theta) == (
-        hf_config.bos_token_id, hf_config.eos_token_id, hf_config.rope_parameters["rope_theta"])
+        hf_config.bos_token_id,
+        hf_config.eos_token_id,
+        hf_config.rope_parameters["rope_theta"],
+    )
     assert (c.rope_scaling or {}).get("factor") == hf_config.rope_parameters.get("factor")
     ids = random_ids(2, 70) * 2  # ids up to 254 of the 256
     with torch.no_grad():
@@ -163,8 +189,10 @@ def test_packed_shared_prompt_matches_separate_runs(tmp_path):
     prompt and response token agree to 1e-5 in float32."""
     make_checkpoint(tmp_path)
     model = Llama.from_pretrained(tmp_path)
-    rows = [[("prompt", 7, 0), ("response", 5, 0), ("response", 3, 0), ("response", 4, 0)],
-            [("prompt", 4, 1), ("response", 6, 1), ("prompt", 3, 2), ("response", 2, 2), ("pad", 4, None)]]
+    rows = [
+        [("prompt", 7, 0), ("response", 5, 0), ("response", 3, 0), ("response", 4, 0)],
+        [("prompt", 4, 1), ("response", 6, 1), ("prompt", 3, 2), ("response", 2, 2), ("pad", 4, None)],
+    ]
     ids = random_ids(2, 19, seed=1)
     masks, positions = [], []
     for segments in rows:
@@ -182,11 +210,11 @@ def test_packed_shared_prompt_matches_separate_runs(tmp_path):
                 prompts[group] = (s, n)
             elif kind == "response":
                 p, P = prompts[group]
-                alone = torch.cat([ids[b, p:p + P], ids[b, s:s + n]])[None]  # (1, P + n)
+                alone = torch.cat([ids[b, p : p + P], ids[b, s : s + n]])[None]  # (1, P + n)
                 with torch.no_grad():
                     ref = model(alone)[0]  # (P + n, V)
-                assert (packed[b, p:p + P] - ref[:P]).abs().max() <= 1e-5
-                assert (packed[b, s:s + n] - ref[P:]).abs().max() <= 1e-5
+                assert (packed[b, p : p + P] - ref[:P]).abs().max() <= 1e-5
+                assert (packed[b, s : s + n] - ref[P:]).abs().max() <= 1e-5
                 checked += 1
     assert checked == 5
 
@@ -246,7 +274,7 @@ def test_generate_matches_full_forward_argmax(tmp_path):
     assert generate(model, prompt, 16) == ref
     assert generate(model, torch.tensor([prompt]), 16) == ref
     stop = ref[5]
-    assert generate(model, prompt, 16, stop_ids=[stop]) == ref[:ref.index(stop) + 1]
+    assert generate(model, prompt, 16, stop_ids=[stop]) == ref[: ref.index(stop) + 1]
     g = torch.Generator().manual_seed(0)
     assert generate(model, prompt, 16, temperature=1.0, top_p=1e-6, generator=g) == ref
 

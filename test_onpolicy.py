@@ -27,8 +27,20 @@ def test_judge_hand_examples():
     letter lost 5, anything else 1; a chat prompt is judged on its last user turn."""
     judge = onpolicy.demo_judge()
     p = "sort d b a c"
-    cases = {"a b c d": 10, "a, b, c, d": 10, " a b c d ": 10, "d b a c": 2, "d c b a": 3, "b a c d": 6, "a b d c": 6,
-             "a b c": 5, "a c d": 5, "c a b d": 1, "": 1, "a b c d e": 1}
+    cases = {
+        "a b c d": 10,
+        "a, b, c, d": 10,
+        " a b c d ": 10,
+        "d b a c": 2,
+        "d c b a": 3,
+        "b a c d": 6,
+        "a b d c": 6,
+        "a b c": 5,
+        "a c d": 5,
+        "c a b d": 1,
+        "": 1,
+        "a b c d e": 1,
+    }
     assert {r: judge(p, r) for r in cases} == cases
     assert judge([{"role": "system", "content": "x"}, {"role": "user", "content": p}], "a b c d") == 10
 
@@ -39,8 +51,17 @@ def test_judge_agrees_with_the_demo_data():
     5 instead of 6, a reversal 2 instead of 3), the finer one; a shuffle that happens to be a
     neighbour swap (data 1) is the only other difference allowed."""
     judge = onpolicy.demo_judge()
-    allowed = {(10.0, 10.0), (6.0, 6.0), (5.0, 5.0), (5.0, 6.0), (3.0, 3.0), (2.0, 2.0), (2.0, 3.0), (1.0, 1.0),
-               (1.0, 6.0)}
+    allowed = {
+        (10.0, 10.0),
+        (6.0, 6.0),
+        (5.0, 5.0),
+        (5.0, 6.0),
+        (3.0, 3.0),
+        (2.0, 2.0),
+        (2.0, 3.0),
+        (1.0, 1.0),
+        (1.0, 6.0),
+    }
     for name in ("train.jsonl", "eval.jsonl"):
         with open(os.path.join(DEMO, name)) as f:
             for line in f:
@@ -53,8 +74,16 @@ def test_demo_data_unchanged(tmp_path):
     """make_demo.py, run again into a fresh folder, writes files byte-identical to demo/ (the judge
     added beside the generator changes no data byte)."""
     load_make_demo().main(out=str(tmp_path))
-    names = ["config.json", "eval.jsonl", "generation_config.json", "sft.jsonl", "tokenizer.json",
-             "tokenizer_config.json", "train.jsonl", "valid.jsonl"]
+    names = [
+        "config.json",
+        "eval.jsonl",
+        "generation_config.json",
+        "sft.jsonl",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "train.jsonl",
+        "valid.jsonl",
+    ]
     match, mismatch, errors = filecmp.cmpfiles(DEMO, tmp_path, names, shallow=False)
     assert (mismatch, errors) == ([], [])
 
@@ -63,10 +92,13 @@ def test_onpolicy_groups():
     """Sampled answers to groups: duplicates merged (first occurrence kept), empty answers dropped, a
     prompt with fewer than 2 distinct answers no group; scores from the judge; counts as stated."""
     judge = onpolicy.demo_judge()
-    groups, stats = onpolicy.onpolicy_groups([["b a", "a b", "b a", ""], ["c a", "c a"], ["b c a", "a, b, c"]],
-                                             ["sort b a", "sort c a", "sort b c a"], judge)
-    assert groups == [{"prompt": "sort b a", "responses": ["b a", "a b"], "scores": [2.0, 10.0]},
-                      {"prompt": "sort b c a", "responses": ["b c a", "a, b, c"], "scores": [2.0, 10.0]}]
+    groups, stats = onpolicy.onpolicy_groups(
+        [["b a", "a b", "b a", ""], ["c a", "c a"], ["b c a", "a, b, c"]], ["sort b a", "sort c a", "sort b c a"], judge
+    )
+    assert groups == [
+        {"prompt": "sort b a", "responses": ["b a", "a b"], "scores": [2.0, 10.0]},
+        {"prompt": "sort b c a", "responses": ["b c a", "a, b, c"], "scores": [2.0, 10.0]},
+    ]
     assert stats == {"prompts": 3, "single_answer": 1, "all_tied": 0, "with_10": 2, "answers": 4, "groups": 2}
 
 
@@ -86,10 +118,30 @@ def test_onpolicy_tiny_end_to_end(setup, tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(onpolicy, "answers", with_sorted_answer)
     out = tmp_path / "op"
-    results = onpolicy.main(["--sft_model", str(setup["model"]), "--seeds", "0", "--prompts", "16",
-                             "--num_samples", "4",
-                             "--temperature", "1.0", "--steps", "2", "--batch_size", "8", "--eval_prompts", "8",
-                             "--max_new_tokens", "12", "--out", str(out)])
+    results = onpolicy.main(
+        [
+            "--sft_model",
+            str(setup["model"]),
+            "--seeds",
+            "0",
+            "--prompts",
+            "16",
+            "--num_samples",
+            "4",
+            "--temperature",
+            "1.0",
+            "--steps",
+            "2",
+            "--batch_size",
+            "8",
+            "--eval_prompts",
+            "8",
+            "--max_new_tokens",
+            "12",
+            "--out",
+            str(out),
+        ]
+    )
     judge = onpolicy.demo_judge()
     groups, _ = read_groups(str(out / "seed0" / "onpolicy_groups.jsonl"))
     assert groups

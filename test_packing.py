@@ -112,7 +112,9 @@ def test_layouts_match_unshared_reference_values_and_grads(tie):
         "packed/segments": lambda: response_logps(model, packed_batch(groups), attn_impl="segments"),
         "packed/one-group-rows": lambda: response_logps(model, packed_batch(groups, max_row_tokens=1)),
         "packed/one-row": lambda: response_logps(model, packed_batch(groups, max_row_tokens=10**6), chunk_size=3),
-        "packed/one-row/sdpa": lambda: response_logps(model, packed_batch(groups, max_row_tokens=10**6), attn_impl="sdpa"),
+        "packed/one-row/sdpa": lambda: response_logps(
+            model, packed_batch(groups, max_row_tokens=10**6), attn_impl="sdpa"
+        ),
         "packed/full": lambda: response_logps(model, packed_batch(groups), full_logits=True),
     }
     for name, compute in candidates.items():
@@ -121,7 +123,13 @@ def test_layouts_match_unshared_reference_values_and_grads(tie):
         torch.testing.assert_close(logps, ref, rtol=0, atol=1e-5, msg=lambda report, name=name: f"{name}: {report}")
         assert (logps[~mask] == 0).all(), name
         for pname, g in grads_of(model, compute(), weights).items():
-            torch.testing.assert_close(g, ref_grads[pname], rtol=1e-4, atol=1e-6, msg=lambda report, name=name, pname=pname: f"{name}: {pname}: {report}")
+            torch.testing.assert_close(
+                g,
+                ref_grads[pname],
+                rtol=1e-4,
+                atol=1e-6,
+                msg=lambda report, name=name, pname=pname: f"{name}: {pname}: {report}",
+            )
 
 
 def test_packed_bf16_within_documented_tolerance():
@@ -382,4 +390,10 @@ def test_ddp_all_reduces_the_head_used_outside_forward(tmp_path):
         loss = sum(response_logps(model, packed_batch(groups[r::2]), full_logits=True).sum() for r in range(2)) / 2
         loss.backward()
         for name, p in model.named_parameters():
-            torch.testing.assert_close(got[tie][name], p.grad, rtol=1e-4, atol=1e-6, msg=lambda report, tie=tie, name=name: f"tie={tie}: {name}: {report}")
+            torch.testing.assert_close(
+                got[tie][name],
+                p.grad,
+                rtol=1e-4,
+                atol=1e-6,
+                msg=lambda report, tie=tie, name=name: f"tie={tie}: {name}: {report}",
+            )

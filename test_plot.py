@@ -20,7 +20,9 @@ try:
     import matplotlib  # noqa: F401
 except ImportError:
     matplotlib = None
-needs_matplotlib = pytest.mark.skipif(matplotlib is None, reason="plot.py draws with matplotlib (pip install -r requirements-plot.txt)")
+needs_matplotlib = pytest.mark.skipif(
+    matplotlib is None, reason="plot.py draws with matplotlib (pip install -r requirements-plot.txt)"
+)
 
 
 def png_size(path):
@@ -46,10 +48,43 @@ def runs(tmp_path_factory):
     folders = []
     for seed in (0, 1):
         out = root / f"seed{seed}"
-        train.train(train.parse_args([str(a) for a in (
-            "--model", model, "--data", data, "--eval_data", held_out, "--out", out, "--loss", "pair_mnm", "--max_steps", 4,
-            "--batch_size", 8, "--micro_batch_size", 8, "--lr", 1e-3, "--max_length", 64, "--max_prompt_length", 32,
-            "--log_every", 1, "--eval_every", 2, "--seed", seed)]))
+        train.train(
+            train.parse_args(
+                [
+                    str(a)
+                    for a in (
+                        "--model",
+                        model,
+                        "--data",
+                        data,
+                        "--eval_data",
+                        held_out,
+                        "--out",
+                        out,
+                        "--loss",
+                        "pair_mnm",
+                        "--max_steps",
+                        4,
+                        "--batch_size",
+                        8,
+                        "--micro_batch_size",
+                        8,
+                        "--lr",
+                        1e-3,
+                        "--max_length",
+                        64,
+                        "--max_prompt_length",
+                        32,
+                        "--log_every",
+                        1,
+                        "--eval_every",
+                        2,
+                        "--seed",
+                        seed,
+                    )
+                ]
+            )
+        )
         folders.append(str(out))
     return folders
 
@@ -104,7 +139,10 @@ def test_several_runs_overlaid(runs, tmp_path, monkeypatch):
     for folder in runs:
         name = os.path.basename(folder)
         train_records = [r for r in metrics(folder) if r["split"] == "train"]
-        assert lines["train: p", f"{name}: p_rejected"] == ([r["step"] for r in train_records], [r["p_rejected"] for r in train_records])
+        assert lines["train: p", f"{name}: p_rejected"] == (
+            [r["step"] for r in train_records],
+            [r["p_rejected"] for r in train_records],
+        )
     # the two seeds drew different batches, so their curves differ: the panel really holds two runs
     assert lines["train: loss", "seed0: loss"] != lines["train: loss", "seed1: loss"]
 
@@ -113,7 +151,10 @@ def test_several_runs_overlaid(runs, tmp_path, monkeypatch):
 def test_logps_panel_and_missing_eval(tmp_path):
     """A hand-written metrics file with logps_chosen/logps_rejected and no eval records: the
     log-prob panel shows exactly those values, and the figure has only the train column."""
-    rows = [{"split": "train", "step": s, "loss": 1.0 / s, "logps_chosen": -0.5 * s, "logps_rejected": -1.0 * s} for s in (1, 2, 3)]
+    rows = [
+        {"split": "train", "step": s, "loss": 1.0 / s, "logps_chosen": -0.5 * s, "logps_rejected": -1.0 * s}
+        for s in (1, 2, 3)
+    ]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = plot.main([str(tmp_path), "--output", str(tmp_path / "x.png")])
     w, h = plot.PANEL_SIZE
@@ -132,15 +173,27 @@ def test_unfinished_last_record_is_skipped(tmp_path):
     assert plot.read_run(tmp_path)["train"] == [{"split": "train", "step": 1, "loss": 2.0}]
 
 
-@pytest.mark.parametrize("content, message", [
-    (None, "no metrics.jsonl"),
-    ("", "no train or eval record"),
-    ('{"split": "train", "step": 1, "loss": 2.0}\n\n{"split": "train", "step": 2, "loss": 1.0}\n', "metrics.jsonl line 2: empty line"),
-    ('{"split": "train", "step": 1, "loss": 2.0}\n{"split": "train", "step": 2, "loss": 1.0\n', "metrics.jsonl line 2: not JSON"),
-    ('[1, 2]\n', "metrics.jsonl line 1: expected a JSON object"),
-    ('{"split": "train", "loss": 2.0}\n', "metrics.jsonl line 1: no 'step' key"),
-    ('{"split": "train", "step": 1, "loss": "nan?"}\n', "metrics.jsonl line 1: 'loss' is 'nan?', expected a number"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "no metrics.jsonl"),
+        ("", "no train or eval record"),
+        (
+            '{"split": "train", "step": 1, "loss": 2.0}\n\n{"split": "train", "step": 2, "loss": 1.0}\n',
+            "metrics.jsonl line 2: empty line",
+        ),
+        (
+            '{"split": "train", "step": 1, "loss": 2.0}\n{"split": "train", "step": 2, "loss": 1.0\n',
+            "metrics.jsonl line 2: not JSON",
+        ),
+        ("[1, 2]\n", "metrics.jsonl line 1: expected a JSON object"),
+        ('{"split": "train", "loss": 2.0}\n', "metrics.jsonl line 1: no 'step' key"),
+        (
+            '{"split": "train", "step": 1, "loss": "nan?"}\n',
+            "metrics.jsonl line 1: 'loss' is 'nan?', expected a number",
+        ),
+    ],
+)
 def test_errors_name_the_file_and_line(tmp_path, capsys, content, message):
     """Each unplottable input ends plot.py with one line (SystemExit 'error: ...') naming the file
     and, for a bad line, its number."""

@@ -21,24 +21,43 @@ from reward import RewardModel
 
 transformers.logging.set_verbosity_error()
 
-PROMPTS = ["Sort: 3 1 2", [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Sort: 9 4"}],
-           "Sort the list 8 5 7 6 1 and say nothing else", "Sort: 1"]
+PROMPTS = [
+    "Sort: 3 1 2",
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Sort: 9 4"}],
+    "Sort the list 8 5 7 6 1 and say nothing else",
+    "Sort: 1",
+]
 RESPONSES = ["1 2 3", "4 9", "1 5 6 7 8", "1"]
 
 
 def make_reward_model(path, tie=False, pad=3):
     """A tiny random LlamaForSequenceClassification written by transformers (the demo's vocabulary, Llama 3
     chat template), weights redrawn at unit-ish scale so that rewards differ; returns the transformers model."""
-    config = transformers.LlamaConfig(vocab_size=290, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                      rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=tie,
-                                      bos_token_id=0, eos_token_id=4, pad_token_id=pad, num_labels=1)
+    config = transformers.LlamaConfig(
+        vocab_size=290,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        tie_word_embeddings=tie,
+        bos_token_id=0,
+        eos_token_id=4,
+        pad_token_id=pad,
+        num_labels=1,
+    )
     hf = transformers.LlamaForSequenceClassification(config).eval()
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in hf.named_parameters():
-            p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g) if "norm" in name
-                    else 2 * torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
+            p.copy_(
+                1 + 0.2 * torch.randn(p.shape, generator=g)
+                if "norm" in name
+                else 2 * torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1])
+            )
     hf.save_pretrained(path)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(os.path.join(DEMO, name), path / name)
@@ -57,8 +76,9 @@ def test_rewards_match_transformers(tmp_path, tie):
     expected, ids = [], []
     for p, r in zip(PROMPTS, RESPONSES):
         messages = [{"role": "user", "content": p}] if isinstance(p, str) else p
-        conv = hf_tok.apply_chat_template(messages + [{"role": "assistant", "content": r}], tokenize=True,
-                                          return_dict=False)
+        conv = hf_tok.apply_chat_template(
+            messages + [{"role": "assistant", "content": r}], tokenize=True, return_dict=False
+        )
         assert rm.encode(p, r) == conv
         ids.append(conv)
         with torch.no_grad():
@@ -83,8 +103,11 @@ def test_other_architectures_refused(tmp_path):
     make_reward_model(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "architectures": ["LlamaForCausalLM"]}))
-    with pytest.raises(ConfigError, match=r"config.json: 'architectures' is \['LlamaForCausalLM'\]; only "
-                                          r"\['LlamaForSequenceClassification'\] is supported"):
+    with pytest.raises(
+        ConfigError,
+        match=r"config.json: 'architectures' is \['LlamaForCausalLM'\]; only "
+        r"\['LlamaForSequenceClassification'\] is supported",
+    ):
         RewardModel.from_pretrained(tmp_path)
     labels = {"id2label": {"0": "bad", "1": "good"}, "label2id": {"bad": 0, "good": 1}}
     (tmp_path / "config.json").write_text(json.dumps({**config, **labels}))

@@ -98,9 +98,11 @@ def test_overwrite_deletes_nothing_until_everything_is_checked(done, tmp_path):
     before = snapshot(out)
     broken = tmp_path / "broken.jsonl"
     broken.write_text(open(s["data"]).read() + '{"prompt": "x", "responses": [\n')
-    for flags, match in (({"--model": tmp_path / "typo"}, "no such checkpoint folder"),
-                         ({"--data": tmp_path / "missing.jsonl"}, "missing.jsonl"),
-                         ({"--data": broken}, "broken.jsonl")):
+    for flags, match in (
+        ({"--model": tmp_path / "typo"}, "no such checkpoint folder"),
+        ({"--data": tmp_path / "missing.jsonl"}, "missing.jsonl"),
+        ({"--data": broken}, "broken.jsonl"),
+    ):
         fails(match, *common(s, out, **{**RUN, **flags}), "--overwrite")
         assert snapshot(out) == before, flags
 
@@ -124,9 +126,17 @@ def test_overwrite_removes_only_its_own_outputs(done, tmp_path):
     assert snapshot(out) == {k: v for k, v in before.items() if k not in ("final/paper.tex", f"final/{MARKER}")}
     (out / "final" / MARKER).write_text("")
     run(*common(s, out, **{**RUN, "--max_steps": 1, "--save_every": 0}), "--overwrite")
-    assert sorted(p.name for p in out.iterdir()) == ["args.json", "cache.tmp", "checkpoint-notes", "final",
-                                                     "final.tmp.keep", "metrics.jsonl", "paper.tex", "results.old",
-                                                     "runs.old"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "args.json",
+        "cache.tmp",
+        "checkpoint-notes",
+        "final",
+        "final.tmp.keep",
+        "metrics.jsonl",
+        "paper.tex",
+        "results.old",
+        "runs.old",
+    ]
     assert [r["step"] for r in records(out, "train")] == [1]
 
 
@@ -154,9 +164,18 @@ def test_second_run_into_a_locked_out_is_refused_naming_the_pid(done, tmp_path):
     nothing; once the holder is SIGKILLed the kernel has released the lock and a run goes ahead."""
     s, _ = done
     out = tmp_path / "out"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, checkpoint; checkpoint.lock_out(sys.argv[1]); "
-                               "print('locked', flush=True); time.sleep(600)", str(out)],
-                              cwd=HERE, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time, checkpoint; checkpoint.lock_out(sys.argv[1]); "
+            "print('locked', flush=True); time.sleep(600)",
+            str(out),
+        ],
+        cwd=HERE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         fails(f"in use by another run \\(PID {holder.pid}", *common(s, out, **{"--max_steps": 1}))
@@ -175,9 +194,13 @@ def test_second_run_into_a_locked_out_is_refused_naming_the_pid(done, tmp_path):
 def start(s, out, **flags):
     """train.py as a process of its own, training for a long time (1000 steps) unless stopped."""
     argv = common(s, out, **{"--loss": "pair_single", "--max_steps": 1000, "--log_every": 1, **flags})
-    return subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *map(str, argv)],
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, os.path.join(HERE, "train.py"), *map(str, argv)],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_for_steps(p, out, n):
@@ -206,8 +229,10 @@ def test_sigterm_saves_the_step_it_finished_and_names_resume(done, tmp_path, mon
     last = err.strip().splitlines()[-1]
     step = [r["step"] for r in records(out, "train")][-1]
     folder = out / f"checkpoint-{step}"
-    assert last == f"error: stopped by SIGTERM after step {step}, saved in {folder}: run the same command with " \
-                   "--resume to continue"
+    assert (
+        last == f"error: stopped by SIGTERM after step {step}, saved in {folder}: run the same command with "
+        "--resume to continue"
+    )
     assert "SIGTERM: finishing this step" in err
     assert [c.name for c in checkpoint.checkpoints(out)] == [folder.name]
     assert [r["step"] for r in records(out, "train")] == list(range(1, step + 1))
@@ -221,8 +246,10 @@ def test_sigterm_saves_the_step_it_finished_and_names_resume(done, tmp_path, mon
         return real_step(run_, groups, i, stats)
 
     monkeypatch.setattr(train, "train_step", stop_after)
-    fails("interrupted at step", *common(s, ref, **{"--loss": "pair_single", "--max_steps": 1000, "--log_every": 1,
-                                                    "--save_every": step}))
+    fails(
+        "interrupted at step",
+        *common(s, ref, **{"--loss": "pair_single", "--max_steps": 1000, "--log_every": 1, "--save_every": step}),
+    )
     a, b = weights(ref / f"checkpoint-{step}"), weights(folder)
     assert all(torch.equal(a[k], b[k]) for k in a)
     state = checkpoint.load_trainer_state(folder)
@@ -259,10 +286,21 @@ def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(done, tmp_path
     s, _ = done
     out = tmp_path / "out"
     argv = common(s, out, **{"--loss": "pair_single", "--max_steps": 1000, "--log_every": 1})
-    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          os.path.join(HERE, "train.py"), *map(str, argv)],
-                         env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            os.path.join(HERE, "train.py"),
+            *map(str, argv),
+        ],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_for_steps(p, out, 2)
     workers = children(p.pid)
     assert len(workers) == 2
@@ -303,22 +341,29 @@ def test_allowed_change_is_applied_and_recorded(done, tmp_path):
     run(*common(s, out, **{**RUN, "--lr": 5e-2, "--max_steps": 8}), "--resume", "--allow_change", "lr", "max_steps")
     new = {r["step"]: r["lr"] for r in records(out, "train")}
     assert [new[k] for k in (1, 2, 3, 4)] == [old[k] for k in (1, 2, 3, 4)]
-    assert [new[k] for k in (5, 6, 7, 8)] == pytest.approx([5e-2 * (1 + math.cos(math.pi * k / 8)) / 2
-                                                            for k in (5, 6, 7, 8)], rel=1e-12, abs=1e-18)
+    assert [new[k] for k in (5, 6, 7, 8)] == pytest.approx(
+        [5e-2 * (1 + math.cos(math.pi * k / 8)) / 2 for k in (5, 6, 7, 8)], rel=1e-12, abs=1e-18
+    )
     saved = json.loads((out / "args.json").read_text())
     assert saved["lr"] == 0.05 and saved["max_steps"] == 8
-    assert saved["history"] == [{"resumed_at": 4, "world_size": 1, "changed": {"lr": [0.001, 0.05],
-                                                                                 "max_steps": [5, 8]}}]
+    assert saved["history"] == [
+        {"resumed_at": 4, "world_size": 1, "changed": {"lr": [0.001, 0.05], "max_steps": [5, 8]}}
+    ]
 
 
 # ----------------------------------------------------------------------------------------------
 # 6: fallback covers every file of a checkpoint
 
 
-@pytest.mark.parametrize("damage, named", [("truncate optimizer.pt", "checkpoint-4/optimizer.pt: unreadable"),
-                                           ("delete optimizer.pt", "checkpoint-4/optimizer.pt: missing"),
-                                           ("truncate model", "truncated"),
-                                           ("delete model", "is missing")])
+@pytest.mark.parametrize(
+    "damage, named",
+    [
+        ("truncate optimizer.pt", "checkpoint-4/optimizer.pt: unreadable"),
+        ("delete optimizer.pt", "checkpoint-4/optimizer.pt: missing"),
+        ("truncate model", "truncated"),
+        ("delete model", "is missing"),
+    ],
+)
 def test_damaged_file_of_the_newest_checkpoint_falls_back(done, tmp_path, capsys, damage, named):
     """One file of checkpoint-4 truncated or deleted: --resume says so in one line, continues from
     checkpoint-2 and ends with exactly the uninterrupted run's weights."""
@@ -355,18 +400,26 @@ def test_disk_full_during_a_save_is_one_line(done, tmp_path):
     """--out on a tmpfs with room for two checkpoints (mounted in a user namespace): the third save
     fails with one line saying ENOSPC and naming checkpoint-2, the newest complete one, which loads."""
     s, _ = done
-    probe = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=1m tmpfs {tmp_path}"],
-                           capture_output=True, text=True)
+    probe = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=1m tmpfs {tmp_path}"], capture_output=True, text=True
+    )
     if probe.returncode:
         pytest.skip(f"cannot mount a tmpfs here (unshare -rm: {probe.stderr.strip()})")
     size = sum(f.stat().st_size for f in (done[1] / "checkpoint-2").rglob("*") if f.is_file())
     out, copy = tmp_path / "out", tmp_path / "copy"
     out.mkdir()
     argv = common(s, out, **{"--loss": "pair_single", "--max_steps": 20, "--save_every": 1, "--save_total_limit": 0})
-    script = (f'mount -t tmpfs -o size={size * 5 // 2 // 1024}k tmpfs "$1" && "$2" {os.path.join(HERE, "train.py")} '
-              f'{" ".join(map(str, argv))}; rc=$?; cp -r "$1" "$3"; exit $rc')
-    r = subprocess.run(["unshare", "-rm", "sh", "-c", script, "sh", out, sys.executable, copy],
-                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    script = (
+        f'mount -t tmpfs -o size={size * 5 // 2 // 1024}k tmpfs "$1" && "$2" {os.path.join(HERE, "train.py")} '
+        f'{" ".join(map(str, argv))}; rc=$?; cp -r "$1" "$3"; exit $rc'
+    )
+    r = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", script, "sh", out, sys.executable, copy],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=600,
+    )
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: saving {out}/checkpoint-3 failed: no space left on the device (ENOSPC)"), last
@@ -388,8 +441,13 @@ def test_unwritable_out_during_a_save_is_one_line(done, tmp_path):
             pytest.skip("running as root without setpriv: permissions cannot be made to apply")
         cmd = ["setpriv", "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search", "--", *cmd]
     argv = common(s, out, **{"--loss": "pair_single", "--max_steps": 1000, "--save_every": 1, "--log_every": 1})
-    p = subprocess.Popen(cmd + list(map(str, argv)), env={**os.environ, "OMP_NUM_THREADS": "1"},
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        cmd + list(map(str, argv)),
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         wait_for_steps(p, out, 2)
         out.chmod(0o555)
@@ -414,8 +472,10 @@ def test_tokenizer_larger_than_the_model_is_refused_before_out_is_written(done, 
     s, _ = done
     model = save_demo_llama(tmp_path / "small", vocab_size=200)
     out = tmp_path / "out"
-    fails(r"tokenizer.json has token id 289, but config.json's vocab_size is 200",
-          *common(s, out, **{"--model": model, "--max_steps": 1}))
+    fails(
+        r"tokenizer.json has token id 289, but config.json's vocab_size is 200",
+        *common(s, out, **{"--model": model, "--max_steps": 1}),
+    )
     assert not list(out.iterdir())
 
 
@@ -428,13 +488,16 @@ def test_max_length_past_the_model_is_a_warning(done, tmp_path, capsys):
     assert len(warned) == 1 and "--max_length 1000" in warned[0] and "max_position_embeddings 256" in warned[0]
 
 
-@pytest.mark.parametrize("flags, match", [
-    ({"--max_prompt_length": 65}, "--max_prompt_length 65 is longer than --max_length 64"),
-    ({"--eval_every": 2}, "--eval_every 2 evaluates on --eval_data, which is not given"),
-    ({"--eval_generate": 4}, "--eval_generate 4 evaluates on --eval_data"),
-    ({"--allow_change": "lr"}, "--allow_change applies to --resume only"),
-    ({"--allow_change": "log_every"}, "--allow_change log_every: not a flag that defines the run"),
-])
+@pytest.mark.parametrize(
+    "flags, match",
+    [
+        ({"--max_prompt_length": 65}, "--max_prompt_length 65 is longer than --max_length 64"),
+        ({"--eval_every": 2}, "--eval_every 2 evaluates on --eval_data, which is not given"),
+        ({"--eval_generate": 4}, "--eval_generate 4 evaluates on --eval_data"),
+        ({"--allow_change": "lr"}, "--allow_change applies to --resume only"),
+        ({"--allow_change": "log_every"}, "--allow_change log_every: not a flag that defines the run"),
+    ],
+)
 def test_contradicting_flags_are_refused(done, tmp_path, flags, match):
     """Flags that cannot all hold (the old code accepted each and silently did nothing or cut every prompt)."""
     s, _ = done
@@ -443,14 +506,17 @@ def test_contradicting_flags_are_refused(done, tmp_path, flags, match):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
-@pytest.mark.parametrize("script, argv, match", [
-    ("eval", ["--device", "cuda"], "--device cuda: this machine has no CUDA GPU"),
-    ("sample", ["--device", "cuda"], "--device cuda: this machine has no CUDA GPU"),
-    ("eval", ["--bootstrap", "-5"], "--bootstrap -5: must be 0 or more"),
-    ("eval", ["--max_prompt_length", "4096"], "--max_prompt_length 4096 is longer than --max_length 2048"),
-    ("eval", ["--model", "nowhere"], "--model nowhere: no such folder"),
-    ("sample", ["--model", "nowhere"], "--model nowhere: no such folder"),
-])
+@pytest.mark.parametrize(
+    "script, argv, match",
+    [
+        ("eval", ["--device", "cuda"], "--device cuda: this machine has no CUDA GPU"),
+        ("sample", ["--device", "cuda"], "--device cuda: this machine has no CUDA GPU"),
+        ("eval", ["--bootstrap", "-5"], "--bootstrap -5: must be 0 or more"),
+        ("eval", ["--max_prompt_length", "4096"], "--max_prompt_length 4096 is longer than --max_length 2048"),
+        ("eval", ["--model", "nowhere"], "--model nowhere: no such folder"),
+        ("sample", ["--model", "nowhere"], "--model nowhere: no such folder"),
+    ],
+)
 def test_eval_and_sample_share_trains_checks(done, script, argv, match):
     """eval.py and sample.py answer a CUDA device on a CPU machine, a negative --bootstrap and a missing
     --model with train.py's one line (cli.py), not an AssertionError, a TypeError or 'tokenizer.json: no such

@@ -37,8 +37,24 @@ def test_metrics_are_logged(setup, tmp_path):
     run(*common(setup, out, **{"--loss": "pair_mnm", "--max_steps": 2}))
     rows = records(out, "train")
     assert [r["step"] for r in rows] == [1, 2]
-    keys = {"step", "epoch", "lr", "loss", "grad_norm", "p_chosen", "p_rejected", "margin", "pair_acc", "top1_acc",
-            "no_pref_groups", "groups_per_s", "tokens_per_s", "peak_mem_gb", "elapsed_s", "eta_s"}
+    keys = {
+        "step",
+        "epoch",
+        "lr",
+        "loss",
+        "grad_norm",
+        "p_chosen",
+        "p_rejected",
+        "margin",
+        "pair_acc",
+        "top1_acc",
+        "no_pref_groups",
+        "groups_per_s",
+        "tokens_per_s",
+        "peak_mem_gb",
+        "elapsed_s",
+        "eta_s",
+    }
     assert keys <= set(rows[0])
     assert all(isinstance(v, (int, float)) and v == v for r in rows for k, v in r.items() if k != "split")
 
@@ -63,7 +79,11 @@ def test_resume_is_bit_identical(setup, tmp_path):
     """A run of 6 steps writes checkpoint-3; a second run that only has checkpoint-3 (as if the
     first had died after writing it) resumes and ends with exactly the same weights. Pair-Single
     draws random negatives, so this also checks that the RNG state travels in the checkpoint."""
-    args = common(setup, tmp_path / "full", **{"--loss": "pair_single", "--max_steps": 6, "--save_every": 3, "--save_total_limit": 5})
+    args = common(
+        setup,
+        tmp_path / "full",
+        **{"--loss": "pair_single", "--max_steps": 6, "--save_every": 3, "--save_total_limit": 5},
+    )
     run(*args)
     full = tmp_path / "full"
     assert sorted(os.listdir(full)) == ["args.json", "checkpoint-3", "final", "metrics.jsonl"]
@@ -81,7 +101,13 @@ def test_resume_is_bit_identical(setup, tmp_path):
 
 def test_save_total_limit_keeps_newest(setup, tmp_path):
     """With --save_total_limit 2, only the two newest checkpoints remain."""
-    run(*common(setup, tmp_path / "s", **{"--loss": "pair_mnm", "--max_steps": 4, "--save_every": 1, "--save_total_limit": 2}))
+    run(
+        *common(
+            setup,
+            tmp_path / "s",
+            **{"--loss": "pair_mnm", "--max_steps": 4, "--save_every": 1, "--save_total_limit": 2},
+        )
+    )
     assert sorted(os.listdir(tmp_path / "s")) == ["args.json", "checkpoint-2", "checkpoint-3", "final", "metrics.jsonl"]
 
 
@@ -89,7 +115,12 @@ def test_adam_betas_reach_the_optimizer(setup, tmp_path):
     """--adam_betas is what AdamW runs with (read back from the checkpoint's optimizer state), and
     it matters: the weights after two steps differ from those of the default betas."""
     run(*common(setup, tmp_path / "a", **{"--loss": "pair_mnm", "--max_steps": 2}))
-    run(*common(setup, tmp_path / "b", **{"--loss": "pair_mnm", "--max_steps": 2, "--save_every": 1}), "--adam_betas", 0.5, 0.9)
+    run(
+        *common(setup, tmp_path / "b", **{"--loss": "pair_mnm", "--max_steps": 2, "--save_every": 1}),
+        "--adam_betas",
+        0.5,
+        0.9,
+    )
     state = torch.load(tmp_path / "b" / "checkpoint-1" / "optimizer.pt", weights_only=True)
     assert {tuple(g["betas"]) for g in state["param_groups"]} == {(0.5, 0.9)}
     a, b = weights(tmp_path / "a" / "final"), weights(tmp_path / "b" / "final")
@@ -129,7 +160,16 @@ def test_checkpoint_loads_in_transformers(setup, tmp_path):
 
 @pytest.mark.parametrize(
     "case",
-    ["unknown_loss", "missing_model", "missing_data", "nothing_usable", "batch_too_big", "bad_json", "flex_on_cpu", "bad_betas"],
+    [
+        "unknown_loss",
+        "missing_model",
+        "missing_data",
+        "nothing_usable",
+        "batch_too_big",
+        "bad_json",
+        "flex_on_cpu",
+        "bad_betas",
+    ],
 )
 def test_bad_invocations_fail_in_one_line(setup, tmp_path, case):
     """Bad input ends with exit code != 0 and one line 'error: ...' that names the problem; no traceback."""
@@ -158,10 +198,19 @@ def test_bad_invocations_fail_in_one_line(setup, tmp_path, case):
     assert err[-1].startswith("error: ") and expect[1] in err[-1], r.stderr[-1000:]
 
 
-@pytest.mark.parametrize("fixture, extra", [
-    ("canonical.jsonl", []), ("simpo.jsonl", []), ("ultrafeedback.json", []), ("pairwise.jsonl", []), ("rrhf.jsonl", []),
-    ("nectar.jsonl", []), ("argilla_pairwise.jsonl", []), ("helpsteer2.jsonl", ["--score_field", "helpfulness"]),
-])
+@pytest.mark.parametrize(
+    "fixture, extra",
+    [
+        ("canonical.jsonl", []),
+        ("simpo.jsonl", []),
+        ("ultrafeedback.json", []),
+        ("pairwise.jsonl", []),
+        ("rrhf.jsonl", []),
+        ("nectar.jsonl", []),
+        ("argilla_pairwise.jsonl", []),
+        ("helpsteer2.jsonl", ["--score_field", "helpfulness"]),
+    ],
+)
 def test_trains_a_step_on_each_data_layout(setup, tmp_path, fixture, extra):
     """python train.py on each real-shaped data file of testdata/, read as downloaded: one optimizer
     step runs and logs a finite loss (Pair-MNM; Parquet files and folders: test_data.py)."""
@@ -171,7 +220,20 @@ def test_trains_a_step_on_each_data_layout(setup, tmp_path, fixture, extra):
     score_field = extra[1] if extra else None
     n = len(read_groups(data, score_field=score_field)[0])
     out = tmp_path / "o"
-    run(*common(setup, out, **{"--data": data, "--loss": "pair_mnm", "--max_steps": 1, "--batch_size": min(n, 2), "--micro_batch_size": 1}), *extra)
+    run(
+        *common(
+            setup,
+            out,
+            **{
+                "--data": data,
+                "--loss": "pair_mnm",
+                "--max_steps": 1,
+                "--batch_size": min(n, 2),
+                "--micro_batch_size": 1,
+            },
+        ),
+        *extra,
+    )
     (step,) = records(out, "train")
     assert step["step"] == 1 and step["loss"] == step["loss"]
 
@@ -189,7 +251,7 @@ def test_help_shows_every_default(capsys):
     text = " ".join(help_text.split())
     for shown in ("(default: [0.9, 0.999])", "(default: pair_mnm)", "(default: 128)", "(default: out/run)"):
         assert shown in text, shown
-    options = help_text[help_text.index("options:"):]
+    options = help_text[help_text.index("options:") :]
     entries = re.split(r"^  (?=--)", options, flags=re.M)[1:]  # one entry per flag: its line(s) and help
     entries = [e for e in entries if not e.startswith("--help")]
     assert len(entries) > 40
@@ -203,10 +265,14 @@ def test_readme_metrics_table_matches_the_records(setup, tmp_path):
     import re
 
     out = tmp_path / "m"
-    run(*common(setup, out, **{"--loss": "pair_mnm", "--max_steps": 1, "--eval_data": setup["data"], "--eval_generate": 2}))
+    run(
+        *common(
+            setup, out, **{"--loss": "pair_mnm", "--max_steps": 1, "--eval_data": setup["data"], "--eval_generate": 2}
+        )
+    )
     written = {k for r in records(out) for k in r} - {"split", "step"}
     readme = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")).read()
-    table = readme[readme.index("| field | meaning | TRL's name |"):]
-    table = table[:table.index("\n\n")]
+    table = readme[readme.index("| field | meaning | TRL's name |") :]
+    table = table[: table.index("\n\n")]
     documented = {name for row in table.splitlines()[2:] for name in re.findall(r"`(\w+)`", row.split("|")[1])}
     assert documented == written

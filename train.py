@@ -36,9 +36,23 @@ import numpy as np
 import torch
 
 from baselines import BASELINES
-from checkpoint import (Preemption, check_out, check_out_flags, check_resumable, check_same_data, checkpoints,
-                        clear_out, data_fingerprint, lock_out, resume_point, save_checkpoint, saving, set_rng_state,
-                        trim_metrics, write_args)
+from checkpoint import (
+    Preemption,
+    check_out,
+    check_out_flags,
+    check_resumable,
+    check_same_data,
+    checkpoints,
+    clear_out,
+    data_fingerprint,
+    lock_out,
+    resume_point,
+    save_checkpoint,
+    saving,
+    set_rng_state,
+    trim_metrics,
+    write_args,
+)
 from chat import TEMPLATES, ChatTokenizer
 from cli import ArgumentParser, check_device, check_lengths, check_model_fits, fail
 from data import GroupLoader, default_cache_dir, load_tokenized, micro_batches, scale_sets, tokenize_groups
@@ -56,84 +70,176 @@ POINT_LOSSES = ("point_ce", "point_mse")
 def parse_args(argv=None):
     p = ArgumentParser(prog="train.py", description="MPPO preference optimization (and SFT) of a Llama 3 checkpoint.")
     a = p.add_argument
-    a("--model",
-      help="starting checkpoint: a Hugging Face-format Llama folder (config.json, *.safetensors, tokenizer.json)")
-    a("--data", nargs="+",
-      help="training groups: files, folders or globs in any format data.py reads (.jsonl, .json, .parquet, .gz)")
+    a(
+        "--model",
+        help="starting checkpoint: a Hugging Face-format Llama folder (config.json, *.safetensors, tokenizer.json)",
+    )
+    a(
+        "--data",
+        nargs="+",
+        help="training groups: files, folders or globs in any format data.py reads (.jsonl, .json, .parquet, .gz)",
+    )
     a("--eval_data", nargs="+", default=None, help="held-out groups, evaluated every --eval_every steps and at the end")
     a("--data_format", default=None, help="override the detected data format (see data.py)")
-    a("--score_field", default=None,
-      help="rows of one response each (HelpSteer2-style): the numeric field that scores them")
-    a("--score_range", type=float, nargs=2, default=None, metavar=("LO", "HI"),
-      help="point-wise losses: the scale of the scores, mapped onto [0, 1] (default: [0, 1] as is, 1-10 divided by 10)")
-    a("--template", default=None, choices=TEMPLATES,
-      help="chat template (default: detected from the checkpoint's template text)")
-    a("--date_string", default=None,
-      help="the date Llama 3.2/3.3 chat templates print (default: today, as transformers does); "
-           "pin it for reproducible data")
-    a("--loss", default="pair_mnm", choices=sorted(LOSSES) + sorted(BASELINES) + ["sft"],
-      help="MPPO variant, a baseline of the paper's Table 2 (simpo, orpo, dpo; see baselines.py), "
-           "or sft: NLL of the best response")
-    a("--beta", type=float, default=None,
-      help="simpo / dpo: reward scale beta (default: 2.0 for simpo, SimPO's Llama-3-Base recipe; 0.1 for dpo)")
-    a("--gamma_beta_ratio", type=float, default=0.5,
-      help="simpo: target margin gamma as a multiple of beta (SimPO's Llama-3-Base recipe)")
-    a("--orpo_lambda", type=float, default=0.1,
-      help="orpo: weight lambda of the odds-ratio term beside the SFT loss (ORPO paper)")
+    a(
+        "--score_field",
+        default=None,
+        help="rows of one response each (HelpSteer2-style): the numeric field that scores them",
+    )
+    a(
+        "--score_range",
+        type=float,
+        nargs=2,
+        default=None,
+        metavar=("LO", "HI"),
+        help="point-wise losses: the scale of the scores, mapped onto [0, 1] "
+        "(default: [0, 1] as is, 1-10 divided by 10)",
+    )
+    a(
+        "--template",
+        default=None,
+        choices=TEMPLATES,
+        help="chat template (default: detected from the checkpoint's template text)",
+    )
+    a(
+        "--date_string",
+        default=None,
+        help="the date Llama 3.2/3.3 chat templates print (default: today, as transformers does); "
+        "pin it for reproducible data",
+    )
+    a(
+        "--loss",
+        default="pair_mnm",
+        choices=sorted(LOSSES) + sorted(BASELINES) + ["sft"],
+        help="MPPO variant, a baseline of the paper's Table 2 (simpo, orpo, dpo; see baselines.py), "
+        "or sft: NLL of the best response",
+    )
+    a(
+        "--beta",
+        type=float,
+        default=None,
+        help="simpo / dpo: reward scale beta (default: 2.0 for simpo, SimPO's Llama-3-Base recipe; 0.1 for dpo)",
+    )
+    a(
+        "--gamma_beta_ratio",
+        type=float,
+        default=0.5,
+        help="simpo: target margin gamma as a multiple of beta (SimPO's Llama-3-Base recipe)",
+    )
+    a(
+        "--orpo_lambda",
+        type=float,
+        default=0.1,
+        help="orpo: weight lambda of the odds-ratio term beside the SFT loss (ORPO paper)",
+    )
     a("--out", default="out/run", help="output folder: args.json, metrics.jsonl, checkpoint-STEP/, final/")
-    a("--overwrite", action="store_true",
-      help="delete the outputs of an earlier run in --out first (else such an --out is refused)")
-    a("--resume", action="store_true",
-      help="continue from the newest complete checkpoint in --out (from --model if there is none yet)")
-    a("--allow_change", nargs="+", default=[], metavar="FLAG",
-      help="--resume with these flags (names without --) changed from the checkpoint's, e.g. lr max_steps; "
-           "args.json records the change (without it, a resume with a changed flag that defines the run is refused)")
+    a(
+        "--overwrite",
+        action="store_true",
+        help="delete the outputs of an earlier run in --out first (else such an --out is refused)",
+    )
+    a(
+        "--resume",
+        action="store_true",
+        help="continue from the newest complete checkpoint in --out (from --model if there is none yet)",
+    )
+    a(
+        "--allow_change",
+        nargs="+",
+        default=[],
+        metavar="FLAG",
+        help="--resume with these flags (names without --) changed from the checkpoint's, e.g. lr max_steps; "
+        "args.json records the change (without it, a resume with a changed flag that defines the run is refused)",
+    )
     a("--epochs", type=int, default=1, help="passes over the training data (ignored when --max_steps > 0)")
     a("--max_steps", type=int, default=0, help="optimizer steps to run; 0: --epochs passes")
     a("--batch_size", type=int, default=128, help="groups per optimizer step, over all ranks")
     a("--micro_batch_size", type=int, default=4, help="groups per forward/backward on one rank (gradient accumulation)")
     a("--max_tokens", type=int, default=None, help="optional token budget of one micro-batch (prompt + all responses)")
     a("--lr", type=float, default=5e-7, help="peak learning rate")
-    a("--warmup_ratio", type=float, default=0.1,
-      help="share of the steps spent in linear warmup before the cosine decay")
+    a(
+        "--warmup_ratio",
+        type=float,
+        default=0.1,
+        help="share of the steps spent in linear warmup before the cosine decay",
+    )
     a("--weight_decay", type=float, default=0.0, help="AdamW weight decay (matrices only; norms are never decayed)")
-    a("--adam_betas", type=float, nargs=2, default=[0.9, 0.999], metavar=("BETA1", "BETA2"),
-      help="AdamW's betas (PyTorch's, TRL's and SimPO's recipe; nanoGPT uses 0.9 0.95)")
+    a(
+        "--adam_betas",
+        type=float,
+        nargs=2,
+        default=[0.9, 0.999],
+        metavar=("BETA1", "BETA2"),
+        help="AdamW's betas (PyTorch's, TRL's and SimPO's recipe; nanoGPT uses 0.9 0.95)",
+    )
     a("--grad_clip", type=float, default=1.0, help="clip the global gradient norm to this; 0 disables")
     a("--max_length", type=int, default=2048, help="longest prompt + response in tokens; responses are cut to fit")
     a("--max_prompt_length", type=int, default=1800, help="longest prompt in tokens; longer prompts keep their end")
     a("--score_header", action="store_true", help="score the assistant header tokens as part of the response")
-    a("--cache_dir", default=None,
-      help="where tokenized data sets are kept between runs (default: $MPPO_CACHE, else ~/.cache/mppo)")
+    a(
+        "--cache_dir",
+        default=None,
+        help="where tokenized data sets are kept between runs (default: $MPPO_CACHE, else ~/.cache/mppo)",
+    )
     a("--no_cache", action="store_true", help="tokenize the data afresh and keep nothing on disk")
-    a("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-      help="compute dtype (None: bfloat16 on GPU, float32 on CPU); weights and AdamW stay float32. float16 is refused: "
-           "it needs a gradient scaler, bfloat16 does not")
-    a("--save_dtype", default=None, choices=["float32", "bfloat16", "float16"],
-      help="dtype of final/ (None: the starting checkpoint's torch_dtype); "
-           "checkpoint-STEP/ is always float32 for exact resume")
-    a("--device", default=None,
-      help="cpu, cuda or cuda:N (None: cuda when available; under torchrun each rank takes cuda:LOCAL_RANK)")
+    a(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="compute dtype (None: bfloat16 on GPU, float32 on CPU); weights and AdamW stay float32. "
+        "float16 is refused: it needs a gradient scaler, bfloat16 does not",
+    )
+    a(
+        "--save_dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="dtype of final/ (None: the starting checkpoint's torch_dtype); "
+        "checkpoint-STEP/ is always float32 for exact resume",
+    )
+    a(
+        "--device",
+        default=None,
+        help="cpu, cuda or cuda:N (None: cuda when available; under torchrun each rank takes cuda:LOCAL_RANK)",
+    )
     a("--gradient_checkpointing", action="store_true", help="recompute each block's activations in backward")
     a("--compile", action="store_true", help="torch.compile each transformer block")
-    a("--fsdp", action="store_true",
-      help="shard parameters, gradients and AdamW state over all ranks (FSDP2) instead of DDP's full replicas")
-    a("--fsdp_grad_sync", default="every", choices=["every", "last"],
-      help="--fsdp with gradient accumulation: reduce-scatter gradients every micro-step, so each rank holds "
-           "only its shard of them (every), or only on the last micro-step, holding full unsharded gradients "
-           "until then (last: less communication)")
-    a("--layout", default="packed", choices=["packed", "padded"],
-      help="packed: one forward per group with a shared prompt; padded: naive baseline")
+    a(
+        "--fsdp",
+        action="store_true",
+        help="shard parameters, gradients and AdamW state over all ranks (FSDP2) instead of DDP's full replicas",
+    )
+    a(
+        "--fsdp_grad_sync",
+        default="every",
+        choices=["every", "last"],
+        help="--fsdp with gradient accumulation: reduce-scatter gradients every micro-step, so each rank holds "
+        "only its shard of them (every), or only on the last micro-step, holding full unsharded gradients "
+        "until then (last: less communication)",
+    )
+    a(
+        "--layout",
+        default="packed",
+        choices=["packed", "padded"],
+        help="packed: one forward per group with a shared prompt; padded: naive baseline",
+    )
     a("--chunk_size", type=int, default=1024, help="positions per chunk of the language-model head in the loss")
-    a("--attn_impl", default="auto", choices=["auto", "sdpa", "segments", "flex"],
-      help="attention of packed rows: sdpa with a dense mask; segments: SDPA per prompt/response span; "
-           "flex: flex_attention with a block mask (CUDA only); auto: packing.choose_attention")
+    a(
+        "--attn_impl",
+        default="auto",
+        choices=["auto", "sdpa", "segments", "flex"],
+        help="attention of packed rows: sdpa with a dense mask; segments: SDPA per prompt/response span; "
+        "flex: flex_attention with a block mask (CUDA only); auto: packing.choose_attention",
+    )
     a("--seed", type=int, default=0, help="seed of the data order, Pair-Single's draws and everything else random")
     a("--log_every", type=int, default=10, help="log training metrics every this many steps")
     a("--report_to", default="none", choices=["none", "tensorboard", "wandb"], help="also send the logged metrics here")
     a("--eval_every", type=int, default=0, help="evaluate on --eval_data every this many steps (0: only at the end)")
-    a("--eval_generate", type=int, default=0,
-      help="also greedy-decode this many eval prompts and report exact match with a best response")
+    a(
+        "--eval_generate",
+        type=int,
+        default=0,
+        help="also greedy-decode this many eval prompts and report exact match with a best response",
+    )
     a("--save_every", type=int, default=0, help="write OUT/checkpoint-STEP/ every this many steps (0: only final/)")
     a("--save_total_limit", type=int, default=2, help="keep only the newest this many checkpoints (0: all)")
     return p.parse_args(argv)
@@ -187,8 +293,12 @@ def make_loss(name, generator=None, beta=None, gamma_beta_ratio=0.5, orpo_lambda
     sft: negative mean token log-likelihood of the best response. generator: Pair-Single's draws; beta None:
     the function's default, from its paper."""
     beta = {} if beta is None else {"beta": beta}
-    hyper = {"pair_single": {"generator": generator}, "simpo": {"gamma_beta_ratio": gamma_beta_ratio, **beta},
-             "orpo": {"lam": orpo_lambda}, "dpo": beta}.get(name, {})
+    hyper = {
+        "pair_single": {"generator": generator},
+        "simpo": {"gamma_beta_ratio": gamma_beta_ratio, **beta},
+        "orpo": {"lam": orpo_lambda},
+        "dpo": beta,
+    }.get(name, {})
 
     def loss_fn(logps, batch):
         scores, mask = batch.scores, batch.mask
@@ -210,8 +320,14 @@ def loss_of(args, generator):
 
 def scoring_of(args, pad_id):
     """The packing.Scoring of the flags: how groups become forwards."""
-    return Scoring(layout=args.layout, micro_batch_size=args.micro_batch_size, max_tokens=args.max_tokens,
-                   chunk_size=args.chunk_size, attn_impl=args.attn_impl, pad_id=pad_id)
+    return Scoring(
+        layout=args.layout,
+        micro_batch_size=args.micro_batch_size,
+        max_tokens=args.max_tokens,
+        chunk_size=args.chunk_size,
+        attn_impl=args.attn_impl,
+        pad_id=pad_id,
+    )
 
 
 def load_data(args, tok, rank, world, log):
@@ -222,10 +338,22 @@ def load_data(args, tok, rank, world, log):
     cache_dir = None if args.no_cache else (args.cache_dir or default_cache_dir())
     splits = []
     for spec in [args.data] + ([args.eval_data] if args.eval_data else []):
-        tokenized, summary = load_tokenized(spec, tok, args.max_length, args.max_prompt_length, format=args.data_format,
-                                            min_responses=min_responses, require_preference=not pointwise,
-                                            score_field=args.score_field, include_header=args.score_header,
-                                            cache_dir=cache_dir, rank=rank, world=world, gather=all_gather, log=log)
+        tokenized, summary = load_tokenized(
+            spec,
+            tok,
+            args.max_length,
+            args.max_prompt_length,
+            format=args.data_format,
+            min_responses=min_responses,
+            require_preference=not pointwise,
+            score_field=args.score_field,
+            include_header=args.score_header,
+            cache_dir=cache_dir,
+            rank=rank,
+            world=world,
+            gather=all_gather,
+            log=log,
+        )
         name = " ".join(spec)
         log(f"{name}: {len(tokenized)} groups\n{summary}".rstrip())
         if not len(tokenized):
@@ -272,10 +400,13 @@ def reference_logps(parallel, model_dir, groups, scoring, log):
 def make_optimizer(args, module, total_steps):
     """AdamW, decaying matrices only, never norm weights (nanoGPT's split); linear warmup, then cosine to 0."""
     params = [p for p in module.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=tuple(args.adam_betas), eps=1e-8,
-                                  fused=module.lm_head.weight.is_cuda)
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(
+        groups, lr=args.lr, betas=tuple(args.adam_betas), eps=1e-8, fused=module.lm_head.weight.is_cuda
+    )
     warmup = round(args.warmup_ratio * total_steps)
 
     def lr_lambda(step):
@@ -399,17 +530,37 @@ def setup(args):
         if state["world_size"] == world:
             set_rng_state(state["rng"][rank], {"train": generator})
         else:
-            log(f"--resume: {state['world_size']} processes wrote the checkpoint, {world} run now: "
-                "RNG streams start afresh")
+            log(
+                f"--resume: {state['world_size']} processes wrote the checkpoint, {world} run now: "
+                "RNG streams start afresh"
+            )
         log(f"resumed from {resume_dir} at step {step}")
     if args.resume and rank == 0:  # what a killed run logged after its checkpoint is logged again below
         trim_metrics(args.out, step if state else None)
     records = MetricsLog(args.out, total_steps, args.report_to, vars(args)) if rank == 0 else None
-    log(f"training {args.loss} on {len(train_groups)} groups: {total_steps} steps of {args.batch_size} groups "
-        f"({loader.steps_per_epoch} steps/epoch), {world} process(es) on {device}, {dtype}")
-    return Run(args, log, parallel, model, tok, scoring, loader, eval_groups, optimizer, scheduler,
-               generator, loss_of(args, generator), total_steps, step, state is not None,
-               args.save_dtype or config.torch_dtype, records)
+    log(
+        f"training {args.loss} on {len(train_groups)} groups: {total_steps} steps of {args.batch_size} groups "
+        f"({loader.steps_per_epoch} steps/epoch), {world} process(es) on {device}, {dtype}"
+    )
+    return Run(
+        args,
+        log,
+        parallel,
+        model,
+        tok,
+        scoring,
+        loader,
+        eval_groups,
+        optimizer,
+        scheduler,
+        generator,
+        loss_of(args, generator),
+        total_steps,
+        step,
+        state is not None,
+        args.save_dtype or config.torch_dtype,
+        records,
+    )
 
 
 def train_step(run, rank_groups, step, stats):
@@ -437,9 +588,11 @@ def train_step(run, rank_groups, step, stats):
         del logps, losses, loss
     grad_norm = parallel.clip_grad_norm(run.args.grad_clip)
     if not torch.isfinite(grad_norm):
-        fail(f"step {step + 1}: the gradient norm is {grad_norm.item()} (non-finite loss or gradient); stopped "
-             "before the weights were changed. Lower --lr or check the data; --resume continues from the last "
-             "checkpoint")
+        fail(
+            f"step {step + 1}: the gradient norm is {grad_norm.item()} (non-finite loss or gradient); stopped "
+            "before the weights were changed. Lower --lr or check the data; --resume continues from the last "
+            "checkpoint"
+        )
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
@@ -462,11 +615,16 @@ def run_eval(run, step):
 def save(run, step):
     """OUT/checkpoint-STEP/: weights, AdamW, scheduler, data order and RNG streams (checkpoint.py)."""
     args = run.args
-    trainer_state = {"scheduler": run.scheduler.state_dict(), "loader": run.loader.state_dict(),
-                     "world_size": run.parallel.world, "args": vars(args),
-                     "data_sha256": data_fingerprint(run.loader.groups)}
-    save_checkpoint(args.out, step, run.parallel, run.optimizer, trainer_state, {"train": run.generator},
-                    args.save_total_limit)
+    trainer_state = {
+        "scheduler": run.scheduler.state_dict(),
+        "loader": run.loader.state_dict(),
+        "world_size": run.parallel.world,
+        "args": vars(args),
+        "data_sha256": data_fingerprint(run.loader.groups),
+    }
+    save_checkpoint(
+        args.out, step, run.parallel, run.optimizer, trainer_state, {"train": run.generator}, args.save_total_limit
+    )
 
 
 def train(args):
@@ -485,10 +643,18 @@ def train(args):
                 step += 1
                 if step % args.log_every == 0 or step == total:
                     now = time.time()
-                    run.emit({"split": "train", "step": step, "epoch": round(step / run.loader.steps_per_epoch, 3),
-                              "lr": run.scheduler.get_last_lr()[0], **stats.summary(device),
-                              "peak_mem_gb": round(peak_memory_gb(device), 3), "elapsed_s": round(now - t_start, 1),
-                              "eta_s": round((now - t_start) / (step - start_step) * (total - step), 1)})
+                    run.emit(
+                        {
+                            "split": "train",
+                            "step": step,
+                            "epoch": round(step / run.loader.steps_per_epoch, 3),
+                            "lr": run.scheduler.get_last_lr()[0],
+                            **stats.summary(device),
+                            "peak_mem_gb": round(peak_memory_gb(device), 3),
+                            "elapsed_s": round(now - t_start, 1),
+                            "eta_s": round((now - t_start) / (step - start_step) * (total - step), 1),
+                        }
+                    )
                     stats.reset()
                 if args.eval_every and step % args.eval_every == 0 and step < total:
                     run_eval(run, step)
@@ -498,8 +664,10 @@ def train(args):
                     folder = os.path.join(args.out, f"checkpoint-{step}")
                     if not os.path.isdir(folder):
                         save(run, step)
-                    fail(f"stopped by SIGTERM after step {step}, saved in {folder}: run the same command with "
-                         f"--resume to continue")
+                    fail(
+                        f"stopped by SIGTERM after step {step}, saved in {folder}: run the same command with "
+                        f"--resume to continue"
+                    )
                 if step >= total:
                     break
     except KeyboardInterrupt:
@@ -533,17 +701,75 @@ def demo(out="out/demo", seed=0):
     init = os.path.join(out, "init")
     Llama(LlamaConfig.from_json(os.path.join(src, "config.json"))).save_pretrained(init, source_dir=src)
     # the demo's rates were tuned with nanoGPT's betas; --overwrite: each `python train.py` starts afresh
-    common = ["--eval_data", os.path.join(src, "eval.jsonl"), "--max_length", "64", "--max_prompt_length", "32",
-              "--log_every", "25", "--seed", str(seed), "--adam_betas", "0.9", "0.95", "--overwrite", "--epochs", "2",
-              "--batch_size", "32", "--micro_batch_size", "32"]
+    common = [
+        "--eval_data",
+        os.path.join(src, "eval.jsonl"),
+        "--max_length",
+        "64",
+        "--max_prompt_length",
+        "32",
+        "--log_every",
+        "25",
+        "--seed",
+        str(seed),
+        "--adam_betas",
+        "0.9",
+        "0.95",
+        "--overwrite",
+        "--epochs",
+        "2",
+        "--batch_size",
+        "32",
+        "--micro_batch_size",
+        "32",
+    ]
     print("== 1. SFT on demonstrations that mostly copy the letters instead of sorting them")
-    sft = train(parse_args(["--model", init, "--data", os.path.join(src, "sft.jsonl"), "--loss", "sft",
-                            "--out", os.path.join(out, "sft"), "--lr", "3e-3", "--warmup_ratio", "0.05", *common]))
-    print("== 2. Pair-MNM on groups of 3-6 scored answers "
-          "(sorted: 10, also with commas in a fifth of them; mistakes: 1-6, often tied)")
-    mnm = train(parse_args(["--model", sft, "--data", os.path.join(src, "train.jsonl"), "--loss", "pair_mnm",
-                            "--out", os.path.join(out, "mnm"), "--lr", "1e-3", "--warmup_ratio", "0.1", *common,
-                            "--log_every", "10", "--eval_every", "25"]))
+    sft = train(
+        parse_args(
+            [
+                "--model",
+                init,
+                "--data",
+                os.path.join(src, "sft.jsonl"),
+                "--loss",
+                "sft",
+                "--out",
+                os.path.join(out, "sft"),
+                "--lr",
+                "3e-3",
+                "--warmup_ratio",
+                "0.05",
+                *common,
+            ]
+        )
+    )
+    print(
+        "== 2. Pair-MNM on groups of 3-6 scored answers "
+        "(sorted: 10, also with commas in a fifth of them; mistakes: 1-6, often tied)"
+    )
+    mnm = train(
+        parse_args(
+            [
+                "--model",
+                sft,
+                "--data",
+                os.path.join(src, "train.jsonl"),
+                "--loss",
+                "pair_mnm",
+                "--out",
+                os.path.join(out, "mnm"),
+                "--lr",
+                "1e-3",
+                "--warmup_ratio",
+                "0.1",
+                *common,
+                "--log_every",
+                "10",
+                "--eval_every",
+                "25",
+            ]
+        )
+    )
     print("== 3. Held-out prompts, before and after MPPO")
     tok = ChatTokenizer.from_pretrained(src)
     groups, _ = read_groups(os.path.join(src, "eval.jsonl"))
@@ -559,8 +785,10 @@ def demo(out="out/demo", seed=0):
     print("| model | top-1 acc of p | pairwise acc | p chosen | p rejected | greedy answers sorted |")
     print("|---|---|---|---|---|---|")
     for name, m in rows:
-        print(f"| {name} | {m['top1_acc']:.3f} | {m['pair_acc']:.3f} | {m['p_chosen']:.3f} | {m['p_rejected']:.3f} "
-              f"| {m['gen_success']:.3f} |")
+        print(
+            f"| {name} | {m['top1_acc']:.3f} | {m['pair_acc']:.3f} | {m['p_chosen']:.3f} | {m['p_rejected']:.3f} "
+            f"| {m['gen_success']:.3f} |"
+        )
     print(f"demo finished in {time.time() - t0:.0f} s; models in {out}/sft/final and {out}/mnm/final")
     return rows
 

@@ -37,7 +37,10 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 )
 # Llama 3's pre-tokenizer split: digits apart from the spaces before them, newlines on their own
-LLAMA3_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
 SFT_SORTED_SHARE = 0.3  # share of SFT demonstrations that sort; the rest copy the input
 # Share of preference groups with two different answers tied for the best score. UltraFeedback's
 # exact share is not measured here (no download); about 20% is assumed for its four GPT-4-scored
@@ -142,17 +145,25 @@ def write_jsonl(path, rows):
 def build_tokenizer(texts):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+        [
+            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
     )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=320, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=320,
+        special_tokens=SPECIAL,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
     bos = tok.token_to_id("<|begin_of_text|>")
     # like Llama 3's tokenizer.json: the post-processor prepends <|begin_of_text|> by itself
     tok.post_processor = processors.TemplateProcessing(
-        single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B", special_tokens=[("<|begin_of_text|>", bos)]
+        single="<|begin_of_text|> $A",
+        pair="<|begin_of_text|> $A <|begin_of_text|> $B",
+        special_tokens=[("<|begin_of_text|>", bos)],
     )
     return tok
 
@@ -179,7 +190,11 @@ def main(out=HERE, seed=0):
     for name, rows in (("sft", sft), ("train", train), ("valid", valid), ("eval", evals)):
         write_jsonl(os.path.join(out, f"{name}.jsonl"), rows)
 
-    texts = ["user\n\n", "assistant\n\n", "system\n\n"] + [r["prompt"] for r in train] + [x for r in train for x in r["responses"]]
+    texts = (
+        ["user\n\n", "assistant\n\n", "system\n\n"]
+        + [r["prompt"] for r in train]
+        + [x for r in train for x in r["responses"]]
+    )
     tok = build_tokenizer(texts)
     tok.save(os.path.join(out, "tokenizer.json"))
     ids = {t: tok.token_to_id(t) for t in SPECIAL}
@@ -196,7 +211,11 @@ def main(out=HERE, seed=0):
             indent=2,
         )
     with open(os.path.join(out, "generation_config.json"), "w") as f:
-        json.dump({"bos_token_id": ids["<|begin_of_text|>"], "eos_token_id": [ids["<|end_of_text|>"], ids["<|eot_id|>"]]}, f, indent=2)
+        json.dump(
+            {"bos_token_id": ids["<|begin_of_text|>"], "eos_token_id": [ids["<|end_of_text|>"], ids["<|eot_id|>"]]},
+            f,
+            indent=2,
+        )
     config = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -222,8 +241,10 @@ def main(out=HERE, seed=0):
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     top_ties = sum(sorted(r["scores"])[-2] == 10.0 for r in train) / len(train)
-    print(f"wrote the demo to {out}: {len(sft)} SFT rows, {len(train)} train groups ({top_ties:.0%} tied at the top), "
-          f"{len(valid)} valid groups, {len(evals)} eval groups, vocab {config['vocab_size']}")
+    print(
+        f"wrote the demo to {out}: {len(sft)} SFT rows, {len(train)} train groups ({top_ties:.0%} tied at the top), "
+        f"{len(valid)} valid groups, {len(evals)} eval groups, vocab {config['vocab_size']}"
+    )
 
 
 if __name__ == "__main__":

@@ -38,14 +38,42 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 # Llama 3's pre-tokenizer split (tokenizer.json's Split pattern)
-LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
-                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+    r"\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 
 def pseudo_words(rng, n):
     """n distinct lower-case pseudo-words of 1-3 syllables (most of one or two: about English's 4.7 letters)."""
-    onsets = ["", "b", "c", "d", "f", "g", "h", "j", "k", "l", "m", "n", "p", "r", "s", "t", "v", "w", "th", "st",
-              "pr", "tr", "ch", "sh", "bl", "gr"]
+    onsets = [
+        "",
+        "b",
+        "c",
+        "d",
+        "f",
+        "g",
+        "h",
+        "j",
+        "k",
+        "l",
+        "m",
+        "n",
+        "p",
+        "r",
+        "s",
+        "t",
+        "v",
+        "w",
+        "th",
+        "st",
+        "pr",
+        "tr",
+        "ch",
+        "sh",
+        "bl",
+        "gr",
+    ]
     vowels = ["a", "e", "i", "o", "u", "ea", "ou", "io", "y"]
     codas = ["", "", "n", "r", "s", "t", "l", "m", "nd", "ng", "st"]
     words = set()
@@ -75,16 +103,26 @@ def text_pool(rng, chars):
 
 def build_tokenizer(pool, vocab_size):
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator((pool[i:i + 100_000] for i in range(0, len(pool), 100_000)), trainer=trainer)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator((pool[i : i + 100_000] for i in range(0, len(pool), 100_000)), trainer=trainer)
     bos = tok.token_to_id("<|begin_of_text|>")
-    tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
-                                                       pair="<|begin_of_text|> $A <|begin_of_text|> $B",
-                                                       special_tokens=[("<|begin_of_text|>", bos)])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A",
+        pair="<|begin_of_text|> $A <|begin_of_text|> $B",
+        special_tokens=[("<|begin_of_text|>", bos)],
+    )
     return tok
 
 
@@ -96,8 +134,13 @@ def write_model(folder, tokenizer_dir, pool, vocab_size):
 
     os.makedirs(folder, exist_ok=True)
     if tokenizer_dir:
-        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
-                     "chat_template.jinja"):
+        for name in (
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+            "generation_config.json",
+            "chat_template.jinja",
+        ):
             if os.path.isfile(os.path.join(tokenizer_dir, name)):
                 shutil.copy(os.path.join(tokenizer_dir, name), folder)
         tok = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
@@ -107,15 +150,39 @@ def write_model(folder, tokenizer_dir, pool, vocab_size):
         with open(os.path.join(os.path.dirname(HERE), "testdata", "llama-3.1-instruct.chat_template.jinja")) as f:
             template = f.read()
         with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
-            json.dump({"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "chat_template": template,
-                       "model_max_length": 131072, "tokenizer_class": "PreTrainedTokenizerFast"}, f, indent=2)
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
-              "vocab_size": tok.get_vocab_size(with_added_tokens=True), "hidden_size": 64, "intermediate_size": 128,
-              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
-              "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "rope_scaling": None,
-              "tie_word_embeddings": True, "attention_bias": False, "mlp_bias": False, "hidden_act": "silu",
-              "bos_token_id": tok.token_to_id("<|begin_of_text|>"), "eos_token_id": tok.token_to_id("<|eot_id|>"),
-              "torch_dtype": "float32"}
+            json.dump(
+                {
+                    "bos_token": "<|begin_of_text|>",
+                    "eos_token": "<|eot_id|>",
+                    "chat_template": template,
+                    "model_max_length": 131072,
+                    "tokenizer_class": "PreTrainedTokenizerFast",
+                },
+                f,
+                indent=2,
+            )
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": tok.get_vocab_size(with_added_tokens=True),
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 500000.0,
+        "rope_scaling": None,
+        "tie_word_embeddings": True,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "hidden_act": "silu",
+        "bos_token_id": tok.token_to_id("<|begin_of_text|>"),
+        "eos_token_id": tok.token_to_id("<|eot_id|>"),
+        "torch_dtype": "float32",
+    }
     torch.manual_seed(0)
     Llama(LlamaConfig.from_dict(config)).save_pretrained(folder, source_dir=folder)
     return tok
@@ -142,7 +209,7 @@ def main():
         n = max(1, int(tokens * chars_per_token))
         start = int(rng.integers(0, len(pool) - n - 100))
         start = pool.find(" ", start) + 1  # begin on a word
-        return pool[start:start + n].strip() or "ok"
+        return pool[start : start + n].strip() or "ok"
 
     path = os.path.join(args.out, "train.jsonl")
     with open(path, "w") as f:
@@ -152,10 +219,14 @@ def main():
             scores = np.round(rng.uniform(1, 10, args.responses) * 2) / 2  # overall_score-like, in halves
             if scores.min() == scores.max():
                 scores[0] = 10.0 if scores[0] < 10 else 1.0
-            f.write(json.dumps({"prompt": prompt, "responses": [text(n) for n in lengths],
-                                "scores": scores.tolist()}) + "\n")
-    print(f"wrote {path} ({os.path.getsize(path) / 1e6:.0f} MB, {args.groups} groups) and "
-          f"{os.path.join(args.out, 'model')} in {time.time() - t0:.0f} s")
+            f.write(
+                json.dumps({"prompt": prompt, "responses": [text(n) for n in lengths], "scores": scores.tolist()})
+                + "\n"
+            )
+    print(
+        f"wrote {path} ({os.path.getsize(path) / 1e6:.0f} MB, {args.groups} groups) and "
+        f"{os.path.join(args.out, 'model')} in {time.time() - t0:.0f} s"
+    )
 
 
 if __name__ == "__main__":
