@@ -276,10 +276,23 @@ class Tracker:
 def simulate(args, config, tokens, real=False):
     """One train.py step of a micro-batch of `tokens` tokens, on fake tensors and a fake process group of
     args.nproc ranks; returns a dict of what the tracker saw. real=True: the same on real tensors, in a process
-    group already started (torchrun): what test_memory.py compares the simulation against."""
+    group already started (torchrun): what test_memory.py compares the simulation against. The fake process
+    group and DTensor's patched fake-mode lookup are undone on return, so a caller in the same process (a test,
+    then train.py) finds torch as it was."""
+    started = not real and not dist.is_initialized()
+    if started:
+        dist.init_process_group("fake", store=dist.HashStore(), rank=0, world_size=args.nproc)
+    detect_fake_mode = sharding_prop.detect_fake_mode
+    try:
+        return _simulate(args, config, tokens, real)
+    finally:
+        sharding_prop.detect_fake_mode = detect_fake_mode
+        if started:
+            dist.destroy_process_group()
+
+
+def _simulate(args, config, tokens, real):
     world = args.nproc
-    if not real and not dist.is_initialized():
-        dist.init_process_group("fake", store=dist.HashStore(), rank=0, world_size=world)
     device, dtype = torch.device("cpu"), getattr(torch, args.dtype)
     if not real:
         # DTensor works out its outputs' shapes on full-size fake tensors: in a fake mode of its own, so the
