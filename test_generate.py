@@ -17,6 +17,7 @@ import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from chat import ChatTokenizer
+from conftest import spread_weights
 from generate import filter_probs, generate, generate_batch, sample_n, sample_tokens
 from model import Llama
 
@@ -63,17 +64,6 @@ def build_tokenizer(folder):
         json.dump(config, f)
 
 
-def randomize(model, seed):
-    """Weights redrawn at unit-ish scale so logits spread out (the 0.02 init gives near-constant logits)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(2 * torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
-
-
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
     """SmolLM2-135M-Instruct's config.json as the Hub ships it, shrunk in width and depth, random weights
@@ -84,7 +74,7 @@ def smollm2(tmp_path_factory):
     with open(folder / "config.json", "w") as f:
         json.dump(config, f)
     hf = transformers.LlamaForCausalLM(transformers.AutoConfig.from_pretrained(folder)).eval()
-    randomize(hf, seed=0)
+    spread_weights(hf, seed=0)
     hf.save_pretrained(folder)
     build_tokenizer(folder)
     tok = ChatTokenizer.from_pretrained(folder)
