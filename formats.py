@@ -40,6 +40,7 @@ import math
 import numbers
 import os
 import re
+from collections import deque
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -81,6 +82,7 @@ class Report:
 
     source: str  # the data set (or step) this report is about
     rows: int = 0  # rows (groups) that came in
+    read: int = 0  # rows read so far (progress while a data set is streamed: see iter_groups)
     kept: int = 0  # groups that went out
     skipped: dict[str, list] = field(default_factory=dict)  # reason -> line of every skipped row
     dropped: dict[str, list] = field(default_factory=dict)  # reason -> line, once per dropped completion
@@ -529,16 +531,41 @@ def read_groups(spec, format=None, min_responses=2, require_preference=True, sco
     A structural problem raises DataError naming the file, line and field. A well-formed row that
     cannot be trained on (fewer than min_responses responses, an empty response, all scores equal
     when min_responses >= 2 and require_preference) is skipped and counted in the returned Report.
-    score_field names the score of the 'single' format (rows of one response each)."""
+    score_field names the score of the 'single' format (rows of one response each).
+    Returns ([Group], Report); iter_groups gives the same groups one at a time."""
+    report = Report(source="")
+    groups = list(iter_groups(spec, format, min_responses, require_preference, score_field, report))
+    return groups, report
+
+
+def iter_groups(spec, format=None, min_responses=2, require_preference=True, score_field=None, report=None):
+    """read_groups as a stream: yields the usable groups in the order read_groups lists them, as soon as each is
+    complete, so a large data set never has all its texts in memory at once. Rows of a format gathered by prompt
+    ('single') complete only when every file has been read, so from the first of them on the groups come at the
+    end. report (a Report) is filled in as rows are read (report.read counts them) and is complete once the
+    iterator is exhausted."""
     if format is not None and format not in PARSERS:
         raise ValueError(f"unknown data format {format!r}; choose one of {', '.join(PARSERS)}")
     paths = data_files(spec)
     several = len(paths) > 1
-    report, formats = Report(source=spec if isinstance(spec, str) else ", ".join(spec)), []
-    entries, by_prompt = [], {}  # entries: [line, prompt, responses, scores]; by_prompt: grouped formats' index
+    report = Report(source="") if report is None else report
+    report.source = spec if isinstance(spec, str) else ", ".join(spec)
+    formats, rows = [], 0
+    pending, by_prompt = deque(), {}  # pending: [line, prompt, responses, scores, open]; by_prompt: the open ones
+
+    def complete(entry):
+        label, prompt, responses, scores, _ = entry
+        reason = unusable(responses, scores, min_responses, require_preference)
+        if reason:
+            report.skip(reason, label)
+            return None
+        report.kept += 1
+        return Group(prompt, responses, scores, label)
+
     for path in paths:
         fmt = format
         for where, line, row in _rows(path):
+            report.read += 1
             if not isinstance(row, dict):
                 raise DataError(f"{where}: expected a JSON object, got {_typename(row)}")
             if fmt is None:
@@ -565,19 +592,48 @@ def read_groups(spec, format=None, min_responses=2, require_preference=True, sco
                     entry[2].extend(responses)
                     entry[3].extend(scores)
                     continue
-                by_prompt[key] = [label, prompt, responses, scores]
-                entries.append(by_prompt[key])
+                by_prompt[key] = [label, prompt, responses, scores, True]  # later rows may add to it
+                pending.append(by_prompt[key])
             else:
-                entries.append([label, prompt, responses, scores])
-    if not entries:
+                pending.append([label, prompt, responses, scores, False])
+            rows += 1
+            while pending and not pending[0][4]:  # everything before the first open group is final
+                group = complete(pending.popleft())
+                if group is not None:
+                    yield group
+    if not rows:
         raise DataError(f"{report.source}: no rows")
-    groups = []
-    for label, prompt, responses, scores in entries:
-        reason = unusable(responses, scores, min_responses, require_preference)
-        if reason:
-            report.skip(reason, label)
-        else:
-            groups.append(Group(prompt, responses, scores, label))
+    while pending:
+        group = complete(pending.popleft())
+        if group is not None:
+            yield group
     report.source += (f" ({len(paths)} files, " if several else " (") + ", ".join(dict.fromkeys(formats)) + ")"
-    report.rows, report.kept = len(entries), len(groups)
-    return groups, report
+    report.rows = rows
+
+
+def count_rows(spec):
+    """The number of rows in a data set's files, counted without parsing them (for progress), or None where that
+    cannot be done cheaply (a JSON list file, Parquet without pyarrow)."""
+    total = 0
+    for path in data_files(spec):
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if magic == b"PAR1":
+            try:
+                import pyarrow.parquet as pq
+
+                total += pq.ParquetFile(path).metadata.num_rows
+                continue
+            except (ImportError, OSError, ValueError):
+                return None
+        opener = gzip.open if magic[:2] == b"\x1f\x8b" else open
+        try:
+            with opener(path, "rb") as f:
+                head = f.read(4096).lstrip()
+                if head.startswith(b"["):
+                    return None
+                f.seek(0)
+                total += sum(1 for line in f if line.strip())
+        except (OSError, EOFError):
+            return None  # read_groups says what is wrong with it
+    return total

@@ -1273,6 +1273,54 @@ def test_argilla_ratings_are_scores():
     assert report.skipped == {"all scores equal": [3]}
 
 
+def test_iter_groups_streams_rows_as_read(tmp_path):
+    """formats.iter_groups yields each group as soon as its row is read: two good rows come out before the
+    broken third line raises its one-line error (read_groups would raise before returning any), a skipped row
+    is counted as it passes, and report.read counts the rows read so far. Rows gathered by prompt (HelpSteer2)
+    come out once the file is read, in read_groups' order; count_rows counts the rows of both without parsing
+    them (blank lines left out)."""
+    path = write(tmp_path, "d.jsonl", [GOOD, {**GOOD, "scores": [3, 3]}, "", GOOD, "{broken", GOOD])
+    report = formats.Report(source="")
+    stream = formats.iter_groups(path, report=report)
+    first = next(stream)
+    assert (first.line, first.responses, report.read, report.kept) == (1, ["a", "b"], 1, 1)
+    second = next(stream)
+    assert (second.line, report.read, report.kept, report.skipped) == (4, 3, 2, {"all scores equal": [2]})
+    with pytest.raises(DataError, match=re.escape(f"{path}:5: invalid JSON")):
+        next(stream)
+    assert formats.count_rows(path) == 5
+
+    single = os.path.join(TESTDATA, "helpsteer2.jsonl")
+    report = formats.Report(source="")
+    stream = formats.iter_groups(single, score_field="correctness", report=report)
+    first = next(stream)
+    with open(single) as f:
+        n_rows = sum(1 for line in f if line.strip())
+    assert report.read == n_rows == formats.count_rows(single) and first.line == 1
+    expected, _ = read_groups(single, score_field="correctness")
+    assert [first, *stream] == expected and report.kept == len(expected)
+
+
+def test_count_rows_of_each_file_kind(tmp_path):
+    """count_rows against the rows written: JSON Lines plain and gzipped, a folder of both, Parquet (its
+    metadata), and None for a JSON list (counting it means parsing it)."""
+    rows = [GOOD] * 7
+    (tmp_path / "x").mkdir()
+    plain = write(tmp_path / "x", "a.jsonl", rows)
+    with gzip.open(tmp_path / "x" / "b.jsonl.gz", "wt") as f:
+        f.write("\n".join(json.dumps(r) for r in rows[:3]) + "\n\n")
+    assert formats.count_rows(plain) == 7
+    assert formats.count_rows(str(tmp_path / "x")) == 10
+    listed = tmp_path / "l.json"
+    listed.write_text(json.dumps(rows))
+    assert formats.count_rows(str(listed)) is None
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    pq.write_table(pa.Table.from_pylist(rows * 3), tmp_path / "p.parquet")
+    assert formats.count_rows(str(tmp_path / "p.parquet")) == 21
+
+
 def test_single_response_rows_grouped_by_prompt(tmp_path):
     """nvidia/HelpSteer2-style rows (one response each) are grouped by prompt, in order of first appearance, scored
     by score_field; without one, a one-line error lists the numeric fields; score_field on other data is refused."""
