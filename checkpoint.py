@@ -427,7 +427,11 @@ def check_resumable(state, args, folder):
 
 def data_fingerprint(groups):
     """sha256 of the tokenized training groups (prompt and response ids, scores), in order: a resume
-    finds out whether the data changed since the checkpoint even where the number of groups did not."""
+    finds out whether the data changed since the checkpoint even where the number of groups did not.
+    All the groups of a data.TokenizedSet (train.py's) are hashed from its arrays (TokenizedSet.fingerprint)."""
+    whole = getattr(groups[0], "data", None) if len(groups) else None
+    if whole is not None and groups is whole.groups:
+        return whole.fingerprint()
     h = hashlib.sha256()
     for g in groups:
         for ids in [g.prompt_ids, *g.response_ids]:

@@ -23,13 +23,14 @@ import time
 import zlib
 from collections import Counter
 from dataclasses import dataclass, replace
-from itertools import chain
+from functools import partial
+from itertools import chain, count, islice
 
 import numpy as np
 
 from chat import TEMPLATES, ChatTokenizer
 from cli import ArgumentParser
-from formats import PARSERS, PROMPT_FILLS, DataError, Report, data_files, read_groups, unusable
+from formats import PARSERS, PROMPT_FILLS, DataError, Report, count_rows, data_files, iter_groups, unusable
 
 # -----------------------------------------------------------------------------
 # Tokenizing and truncating
@@ -101,6 +102,18 @@ class TokenizedSet:
         seq_offsets = np.concatenate([[0], np.cumsum(cat(1, np.int64))]).astype(np.int64)
         group_offsets = np.concatenate([[0], np.cumsum(cat(2, np.int64))]).astype(np.int64)
         return cls(tokens, seq_offsets, group_offsets, cat(3, np.float64), [x for p in parts for x in p[4]], score_span)
+
+    def fingerprint(self):
+        """checkpoint.data_fingerprint of self.groups, hashed from the arrays: the same bytes (each sequence's ids
+        as int64 and ';', each group's scores as float64 and '|'), without making a list per sequence."""
+        h, so, go = hashlib.sha256(), self.seq_offsets.tolist(), self.group_offsets.tolist()
+        for first, end in zip(go[:-1], go[1:]):
+            for s in range(first, end):
+                h.update(self.tokens[so[s] : so[s + 1]].astype(np.int64))
+                h.update(b";")
+            h.update(np.ascontiguousarray(self.scores[first + 1 : end], dtype=np.float64))
+            h.update(b"|")
+        return h.hexdigest()
 
     def parts(self):
         """This set as one piece of from_parts (what a rank sends when ranks share the tokenizing)."""
@@ -269,69 +282,77 @@ def tokenize_set(
     include_header=False,
     require_preference=True,
     progress=None,
-    free=False,
     bound_lengths=None,
 ):
     """Tokenize groups into a TokenizedSet, cut to max_length tokens per prompt + response and prompts
     to max_prompt_length (None: no limit of their own, so a prompt that fills max_length skips its
-    group); see tokenize_groups. Returns (TokenizedSet, Report). Groups are encoded CHUNK at a time;
-    with free=True each chunk's entries of the list `groups` are set to None once encoded, so the
-    texts do not outlive their tokens. progress(done, total) is called with groups after each chunk.
+    group); see tokenize_groups. Returns (TokenizedSet, Report). Groups are encoded CHUNK at a time, and
+    `groups` may be any iterable (formats.iter_groups: each chunk's texts are freed once it is encoded).
+    progress(done, total) is called with groups after each chunk (total: len(groups), None for an iterator).
     bound_lengths=(max_length, max_prompt_length) sets the character bound alone (default: the limits given),
     for statistics of full lengths that still never tokenize a 50 MB text whole."""
-    parts, report, span = _tokenize_parts(
-        groups,
-        tok,
-        max_length,
-        max_prompt_length,
-        min_responses,
-        include_header,
-        require_preference,
-        progress,
-        free,
-        bound_lengths,
-    )
-    return TokenizedSet.from_parts(parts, score_span=span), report
+    total = len(groups) if hasattr(groups, "__len__") else None
+    skip = partial(_unusable, min_responses=min_responses, require_preference=require_preference)
+    parts, reports, spans, done = [], [], [], 0
+    for _, chunk, tokens, lengths, report in _encoded_chunks(
+        groups, tok, max_length, max_prompt_length, include_header, bound_lengths
+    ):
+        spans.append(_span(chunk))
+        parts.append(_cut_chunk(chunk, tokens, lengths, max_length, max_prompt_length, tok.bos_id, skip, report))
+        reports.append(report)
+        done += len(chunk)
+        if progress is not None:
+            progress(done, total)
+    report = _merge_reports(reports, _tokenized_source(max_length, max_prompt_length))
+    return TokenizedSet.from_parts(parts, score_span=_merge_spans(spans)), report
 
 
-def _tokenize_parts(
-    groups,
-    tok,
-    max_length,
-    max_prompt_length,
-    min_responses,
-    include_header,
-    require_preference,
-    progress,
-    free,
-    bound_lengths=None,
-):
+def _unusable(g, min_responses, require_preference):
+    return unusable(g.responses, g.scores, min_responses, require_preference)
+
+
+def _encoded_chunks(groups, tok, max_length, max_prompt_length, include_header, bound_lengths=None, share=(0, 1)):
+    """Yield (index, groups, tokens, lengths, Report) for consecutive chunks of CHUNK groups of an iterable, each
+    rendered and encoded (_encode_chunk) with the character bounds of the limits (see tokenize_set). With
+    share=(rank, world) only chunks index % world == rank are encoded; the others are read past, dropped and
+    yielded as (index, None, None, None, None), so the ranks of a job split the work, each holds the texts of one
+    chunk at a time, and all of them see every index (to meet after each round of world chunks)."""
     if max_prompt_length is not None and max_prompt_length < 1:
         raise ValueError(f"max_prompt_length must be positive, got {max_prompt_length}")
-    report = Report(source=f"tokenized to max_length {max_length}, max_prompt_length {max_prompt_length}")
     limits = [n for n in (bound_lengths or (max_length, max_prompt_length)) if n is not None]
     response_limit = (bound_lengths or (max_length,))[0]
     bounds = (
         _char_bound(tok, min(limits)) if limits else None,
         None if response_limit is None else _char_bound(tok, response_limit),
     )
+    rank, world = share
+    it = iter(groups)
+    for index in count():
+        chunk = list(islice(it, CHUNK))
+        if not chunk:
+            return
+        if index % world == rank:
+            report = Report(source=_tokenized_source(max_length, max_prompt_length))
+            tokens, lengths = _encode_chunk(chunk, tok, include_header, bounds, report)
+            yield index, chunk, tokens, lengths, report
+        else:
+            yield index, None, None, None, None
+        del chunk
 
-    def skip(g):
-        return unusable(g.responses, g.scores, min_responses, require_preference)
 
-    parts, lo, hi = [], math.inf, -math.inf
-    for start in range(0, len(groups), CHUNK):
-        chunk = groups[start : start + CHUNK]
-        lo = min([lo, *(min(g.scores) for g in chunk if g.scores)])
-        hi = max([hi, *(max(g.scores) for g in chunk if g.scores)])
-        tokens, lengths = _encode_chunk(chunk, tok, include_header, bounds, report)
-        parts.append(_cut_chunk(chunk, tokens, lengths, max_length, max_prompt_length, tok.bos_id, skip, report))
-        if free:
-            groups[start : start + len(chunk)] = [None] * len(chunk)
-        del chunk, tokens, lengths
-        if progress is not None:
-            progress(min(start + CHUNK, len(groups)), len(groups))
-    return parts, report, (None if lo > hi else (lo, hi))
+def _span(groups):
+    """(lowest, highest) score of these groups (skipped ones included: the scaling rule sees every score read)."""
+    scores = [x for g in groups for x in g.scores]
+    return (min(scores), max(scores)) if scores else None
+
+
+def _merge_spans(spans):
+    spans = [s for s in spans if s is not None]
+    return (min(lo for lo, _ in spans), max(hi for _, hi in spans)) if spans else None
+
+
+def _tokenized_source(max_length, max_prompt_length):
+    return f"tokenized to max_length {max_length}, max_prompt_length {max_prompt_length}"
 
 
 def _empty_part():
@@ -422,8 +443,10 @@ def read_cache(path, key, verify=True):
             a = np.load(os.path.join(path, name + ".npy"), mmap_mode="r" if meta["length"] else None)
             if a.dtype != dtype or a.shape != (meta["length"],):
                 raise CacheMiss(f"{name}.npy holds {a.dtype} {a.shape}, the header says {meta['length']}")
-            if verify and zlib.crc32(a) != meta["crc32"]:
-                raise CacheMiss(f"{name}.npy does not match its checksum")
+            if verify:  # an empty array is loaded whole, not mapped
+                crc = _file_crc(a.filename, a.offset) if isinstance(a, np.memmap) else zlib.crc32(a)
+                if crc != meta["crc32"]:
+                    raise CacheMiss(f"{name}.npy does not match its checksum")
             arrays[name] = a
         data = TokenizedSet(**arrays, lines=header["lines"], score_span=header["score_span"])
     except (OSError, ValueError, KeyError, TypeError) as e:  # a truncated .npy is a ValueError, a bad header too
@@ -441,68 +464,127 @@ def read_cache(path, key, verify=True):
     return data, header["summary"]
 
 
-def _write_npy(path, pieces, dtype):
-    """One .npy array of the pieces end to end, written piece by piece (never joined in memory); its CRC-32."""
-    n, crc = sum(len(p) for p in pieces), 0
-    with open(path, "wb") as f:
-        np.lib.format.write_array_header_1_0(f, {"descr": np.dtype(dtype).str, "fortran_order": False, "shape": (n,)})
-        for p in pieces:
-            p = np.ascontiguousarray(p, dtype=dtype)
-            f.write(memoryview(p).cast("B"))
-            crc = zlib.crc32(p, crc)
-        f.flush()
-        os.fsync(f.fileno())
-    return {"length": n, "crc32": crc}
+NPY_HEADER = 128  # bytes of every .npy header written here: fixed, so tokens.npy's can be filled in at the end
+
+
+def _npy_header(dtype, n):
+    """A .npy (format 1.0) header for a 1-D array of n values, padded with spaces to NPY_HEADER bytes."""
+    text = f"{{'descr': '{np.dtype(dtype).str}', 'fortran_order': False, 'shape': ({n},), }}"
+    return b"\x93NUMPY\x01\x00" + (NPY_HEADER - 10).to_bytes(2, "little") + text.ljust(NPY_HEADER - 11).encode() + b"\n"
+
+
+class CacheWriter:
+    """Writes a tokenized set into the cache folder path piece by piece (add: one piece of TokenizedSet.from_parts,
+    in order), so the tokens never need to be in memory all at once: they go to tokens.npy as they come, the small
+    arrays (offsets, scores, lines) are kept until finish. Atomic: everything goes into path.tmp.PID, renamed into
+    place by finish, so a reader sees a whole cache or none; abort removes the temporary folder."""
+
+    def __init__(self, path, key):
+        self.path, self.key = path, key
+        self.tmp = f"{path}.tmp.{os.getpid()}"
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        os.makedirs(self.tmp)
+        self.tokens = open(os.path.join(self.tmp, "tokens.npy"), "wb")
+        self.tokens.write(_npy_header(np.int32, 0))  # the length is filled in by finish
+        self.n_tokens, self.crc = 0, 0
+        self.seq_lens, self.per_group, self.scores, self.lines = [], [], [], []
+
+    def add(self, part):
+        tokens, seq_lens, per_group, scores, lines = part
+        tokens = np.ascontiguousarray(tokens, dtype=np.int32)
+        self.tokens.write(memoryview(tokens).cast("B"))
+        self.n_tokens += len(tokens)
+        self.crc = zlib.crc32(tokens, self.crc)
+        self.seq_lens.append(seq_lens)
+        self.per_group.append(per_group)
+        self.scores.append(scores)
+        self.lines += lines
+
+    def _write(self, name, array, dtype):
+        array = np.ascontiguousarray(array, dtype=dtype)
+        with open(os.path.join(self.tmp, name + ".npy"), "wb") as f:
+            f.write(_npy_header(dtype, len(array)))
+            f.write(memoryview(array).cast("B"))
+            f.flush()
+            os.fsync(f.fileno())
+        return {"length": len(array), "crc32": zlib.crc32(array)}
+
+    def finish(self, summary, score_span):
+        """Write the rest, fsync, rename into place; returns path."""
+        self.tokens.seek(0)
+        self.tokens.write(_npy_header(np.int32, self.n_tokens))
+        self.tokens.flush()
+        os.fsync(self.tokens.fileno())
+        self.tokens.close()
+
+        def offsets(lengths):
+            return np.concatenate([[0], np.cumsum(np.concatenate(lengths))]) if lengths else np.zeros(1)
+
+        header = {
+            "key": self.key,
+            "arrays": {
+                "tokens": {"length": self.n_tokens, "crc32": self.crc},
+                "seq_offsets": self._write("seq_offsets", offsets(self.seq_lens), np.int64),
+                "group_offsets": self._write("group_offsets", offsets(self.per_group), np.int64),
+                "scores": self._write("scores", np.concatenate(self.scores) if self.scores else [], np.float64),
+            },
+            "summary": summary,
+            "score_span": score_span,
+            "lines": self.lines,
+        }
+        with open(os.path.join(self.tmp, "header.json"), "w", encoding="utf-8") as f:
+            json.dump(header, f)
+            f.flush()
+            os.fsync(f.fileno())
+        old = f"{self.path}.old.{os.getpid()}"
+        if os.path.exists(self.path):  # a stale or damaged cache: moved aside, then removed
+            os.replace(self.path, old)
+        try:
+            os.replace(self.tmp, self.path)
+        except OSError:  # another job wrote the same cache meanwhile: keep theirs
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+        return self.path
+
+    def abort(self):
+        self.tokens.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def write_cache(path, key, parts, summary, score_span):
-    """Write the pieces of a tokenized set (see TokenizedSet.from_parts) to the cache folder path, atomically:
-    into path.tmp.PID, renamed into place once complete, so a reader sees a whole cache or none."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    seq_offsets = np.concatenate([[0], np.cumsum(np.concatenate([p[1] for p in parts]))]) if parts else np.zeros(1)
-    group_offsets = np.concatenate([[0], np.cumsum(np.concatenate([p[2] for p in parts]))]) if parts else np.zeros(1)
-    arrays = {
-        "tokens": _write_npy(os.path.join(tmp, "tokens.npy"), [p[0] for p in parts], np.int32),
-        "seq_offsets": _write_npy(os.path.join(tmp, "seq_offsets.npy"), [seq_offsets], np.int64),
-        "group_offsets": _write_npy(os.path.join(tmp, "group_offsets.npy"), [group_offsets], np.int64),
-        "scores": _write_npy(os.path.join(tmp, "scores.npy"), [p[3] for p in parts], np.float64),
-    }
-    header = {
-        "key": key,
-        "arrays": arrays,
-        "summary": summary,
-        "score_span": score_span,
-        "lines": [x for p in parts for x in p[4]],
-    }
-    with open(os.path.join(tmp, "header.json"), "w", encoding="utf-8") as f:
-        json.dump(header, f)
-        f.flush()
-        os.fsync(f.fileno())
-    old = f"{path}.old.{os.getpid()}"
-    if os.path.exists(path):  # a stale or damaged cache: moved aside, then removed
-        os.replace(path, old)
-    try:
-        os.replace(tmp, path)
-    except OSError:  # another job wrote the same cache meanwhile: keep theirs
-        shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(old, ignore_errors=True)
-    return path
+    """Write the pieces of a tokenized set (see TokenizedSet.from_parts) to the cache folder path (CacheWriter)."""
+    writer = CacheWriter(path, key)
+    for part in parts:
+        writer.add(part)
+    return writer.finish(summary, score_span)
+
+
+def _file_crc(path, offset, block=1 << 24):
+    """CRC-32 of a file from offset on, read a block at a time: checking a cache this way leaves its pages in the
+    page cache (shared, reclaimable), not in this process's resident memory as reading through the mapping would."""
+    crc = 0
+    with open(path, "rb") as f:
+        f.seek(offset)
+        while chunk := f.read(block):
+            crc = zlib.crc32(chunk, crc)
+    return crc
 
 
 class Progress:
-    """progress(done, total): a line at most every `every` seconds with the groups done, the rate and the ETA."""
+    """progress(done, total): a line at most every `every` seconds with how many `unit` are done, the rate and,
+    where total is known (not None), the ETA."""
 
-    def __init__(self, what, log, every=10.0):
-        self.what, self.log, self.every = what, log, every
+    def __init__(self, what, log, every=10.0, unit="groups"):
+        self.what, self.log, self.every, self.unit = what, log, every, unit
         self.start = self.last = time.time()
 
     def __call__(self, done, total):
         now = time.time()
         if now - self.last >= self.every or (done == total and now - self.start >= self.every):
             rate = done / max(now - self.start, 1e-9)
-            self.log(f"{self.what}: {done}/{total} groups, {rate:.0f} groups/s, ETA {(total - done) / rate:.0f} s")
+            eta = "" if total is None else f", ETA {(total - done) / max(rate, 1e-9):.0f} s"
+            of = "" if total is None else f"/{total}"
+            self.log(f"{self.what}: {done}{of} {self.unit}, {rate:.0f} {self.unit}/s{eta}")
             self.last = now
 
 
@@ -515,9 +597,9 @@ def tokenizer_threads(local_world):
         os.environ["RAYON_NUM_THREADS"] = str(max(1, cores // max(1, local_world)))
 
 
-def _merge_reports(reports):
-    out = replace(reports[0], skipped={}, dropped={})
-    out.rows = out.kept = out.truncated_prompts = out.truncated_responses = out.cut_texts = 0
+def _merge_reports(reports, source):
+    """One Report of the chunks' reports, their skipped lines in the order the reports come (the chunks')."""
+    out = Report(source=source)
     for r in reports:
         for name in ("rows", "kept", "truncated_prompts", "truncated_responses", "cut_texts"):
             setattr(out, name, getattr(out, name) + getattr(r, name))
@@ -547,9 +629,11 @@ def load_tokenized(
 
     cache_dir (None: no cache) holds one folder per cache_key; a folder that matches is memory-mapped (the ranks of
     a node share its pages), one that is stale or damaged is rebuilt with a one-line notice. With world > 1 ranks,
-    gather(obj) -> [every rank's obj] (parallel.all_gather) shares the work: every rank reads the data, tokenizes a
-    contiguous 1/world of the groups with its share of the cores, and the pieces are gathered in order; rank 0
-    writes the cache, and every rank that can see it then maps it instead of keeping its own copy."""
+    gather(obj) -> [every rank's obj] (parallel.all_gather) shares the work: every rank reads the data and tokenizes
+    every world-th chunk of CHUNK groups with its share of the cores, and the pieces are gathered in order after each
+    round of chunks. Rank 0 writes them into the cache as they come, so no rank holds the whole set in memory: every
+    rank that can see the finished cache maps it; one that cannot (another node's disk) keeps a copy of its own, as
+    every rank does with no cache."""
     say = log if rank == 0 else (lambda *a: None)
     settings = dict(
         max_length=max_length,
@@ -564,58 +648,83 @@ def load_tokenized(
     if cache_dir is not None:
         key = cache_key(spec, tok, **settings)
         path = cache_path(cache_dir, key)
-        status = "hit"
-        if rank == 0:
-            try:
-                data, summary = read_cache(path, key)
-            except CacheMiss as e:
-                status = e.reason or "missing"
-                if e.reason:
-                    say(f"cache {path} is damaged or stale ({e.reason}): rebuilding it")
-        status = gather(status)[0] if world > 1 else status
-        if status == "hit":
-            if rank != 0:
-                data, summary = read_cache(path, key, verify=False)  # rank 0 checked it
+        try:  # rank 0 checks the checksums; the others that the folder is whole (rank 0 vouches for its bytes)
+            data, summary = read_cache(path, key, verify=rank == 0)
+            status = "hit"
+        except CacheMiss as e:
+            status = e.reason or "missing"
+            if e.reason and rank == 0:
+                say(f"cache {path} is damaged or stale ({e.reason}): rebuilding it")
+        statuses = gather(status) if world > 1 else [status]
+        if all(s == "hit" for s in statuses):  # a rank that cannot see it (another node's disk) makes all tokenize
             say(f"tokenized data from the cache {path}")
             return data, summary
     tokenizer_threads(int(os.environ.get("LOCAL_WORLD_SIZE", world)))
-    start = time.time()
-    groups, read_report = read_groups(spec, format, min_responses, require_preference, score_field)
-    n = len(groups)
-    mine = groups[n * rank // world : n * (rank + 1) // world]
-    del groups  # this rank's share only: the other texts are freed now, its own as they are encoded
-    what = "tokenizing" + (f" (rank 0's share of {n})" if world > 1 else "")
-    parts, report, span = _tokenize_parts(
-        mine,
-        tok,
-        max_length,
-        max_prompt_length,
-        min_responses,
-        include_header,
-        require_preference,
-        Progress(what, say),
-        free=True,
-    )
-    if world > 1:
-        shares = gather((parts, report, span))
-        parts = [p for share in shares for p in share[0]]
-        report = _merge_reports([share[1] for share in shares])
-        spans = [share[2] for share in shares if share[2] is not None]
-        span = (min(s[0] for s in spans), max(s[1] for s in spans)) if spans else None
-    say(f"tokenized {n} groups in {time.time() - start:.0f} s")
-    summary = f"{read_report.summary()}\n{report.summary()}"
-    if path is not None:
-        if rank == 0:
-            write_cache(path, key, parts, summary, span)
+    share = gather if world > 1 else (lambda obj: [obj])
+    writer = CacheWriter(path, key) if path is not None and rank == 0 else None
+    try:
+        # ranks that will map rank 0's cache keep nothing; one that cannot see its folder (another node) keeps all
+        suffix = share(writer and writer.tmp[len(path) :])[0]  # rank 0's temporary folder: path + suffix
+        keep = path is None or not os.path.isdir(path + suffix)
+        data, summary, span = _tokenize_shared(spec, tok, settings, (rank, world), share, writer, keep, say)
+        if writer is not None:
+            writer.finish(summary, span)
             say(f"wrote the cache {path}")
-        if world > 1:
-            gather(None)  # the cache is complete before another rank looks for it
-        try:
-            data, _ = read_cache(path, key, verify=False)
-            return data, summary
-        except CacheMiss:  # this rank cannot see rank 0's cache folder (another node): keep the gathered copy
-            pass
-    return TokenizedSet.from_parts(parts, score_span=span), summary
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    if path is not None:
+        share(None)  # the cache is complete before another rank looks for it
+        if not keep:
+            return read_cache(path, key, verify=False)[0], summary
+    return data, summary
+
+
+def _tokenize_shared(spec, tok, settings, ranks, share, writer, keep, say):
+    """load_tokenized's reading and tokenizing (settings: its arguments from max_length to include_header, as
+    cache_key takes them). Every rank reads the rows; chunk i is encoded by rank i % world, and
+    after each round of world chunks share(obj) -> [every rank's obj] (an all-gather) hands every rank the round's
+    pieces in the order of the data. writer (rank 0's CacheWriter, or None) writes them as they come; a rank with
+    keep=True holds them all for its TokenizedSet. Returns (TokenizedSet or None, summary, score span)."""
+    rank, world = ranks
+    max_length, max_prompt_length = settings["max_length"], settings["max_prompt_length"]
+    min_responses, require_preference = settings["min_responses"], settings["require_preference"]
+    start, read_report = time.time(), Report(source="")
+    stream = iter_groups(
+        spec, settings["format"], min_responses, require_preference, settings["score_field"], read_report
+    )
+    skip = partial(_unusable, min_responses=min_responses, require_preference=require_preference)
+    progress = Progress("tokenizing" + (f" ({world} ranks)" if world > 1 else ""), say, unit="rows")
+    total = count_rows(spec)
+    parts, reports, spans, mine, index = [], [], [], None, -1
+
+    def take(round_):
+        for piece in filter(None, round_):
+            part, report, span = piece
+            if writer is not None:
+                writer.add(part)
+            if keep:
+                parts.append(part)
+            reports.append(report)
+            spans.append(span)
+
+    for index, chunk, tokens, lengths, report in _encoded_chunks(
+        stream, tok, max_length, max_prompt_length, settings["include_header"], share=(rank, world)
+    ):
+        if chunk is not None:  # this rank's chunk
+            part = _cut_chunk(chunk, tokens, lengths, max_length, max_prompt_length, tok.bos_id, skip, report)
+            mine = (part, report, _span(chunk))
+        if index % world == world - 1:
+            take(share(mine))
+            mine = None
+        progress(read_report.read, total)
+    if (index + 1) % world:  # the last round, short of chunks
+        take(share(mine))
+    say(f"tokenized {read_report.kept} groups in {time.time() - start:.0f} s")
+    report = _merge_reports(reports, _tokenized_source(max_length, max_prompt_length))
+    summary, span = f"{read_report.summary()}\n{report.summary()}", _merge_spans(spans)
+    return (TokenizedSet.from_parts(parts, score_span=span) if keep else None), summary, span
 
 
 # -----------------------------------------------------------------------------
@@ -806,33 +915,59 @@ def main(argv=None):
     a("--no_cache", action="store_true", help="print the statistics only; write no cache")
     args = parser.parse_args(argv)
     data = args.data[0] if len(args.data) == 1 else args.data
+    # one pass, CHUNK groups at a time: full lengths for the statistics (texts far over the budget cut to
+    # train.py's character bound first, so a 50 MB row never tokenizes whole), and the set train.py trains on
+    # (each chunk cut to the budget: a copy only where something is cut) for the cache
+    settings = dict(
+        max_length=args.max_length,
+        max_prompt_length=args.max_prompt_length,
+        format=args.format,
+        min_responses=args.min_responses,
+        require_preference=not args.keep_ties,
+        score_field=args.score_field,
+        include_header=args.include_header,
+    )
+    cache_dir = args.cache_dir or default_cache_dir()
+    seq_lens, per_group, reports, spans, writer = [], [], [], [], None
     try:
         tok = ChatTokenizer.from_pretrained(args.model, args.template, args.date_string)
-        groups, report = read_groups(data, args.format, args.min_responses, not args.keep_ties, args.score_field)
-        # full lengths, but texts far over the budget cut to train.py's character bound first (a 50 MB row)
-        full, bounded = tokenize_set(
-            groups,
-            tok,
-            None,
-            None,
-            args.min_responses,
-            args.include_header,
-            not args.keep_ties,
-            bound_lengths=(args.max_length, args.max_prompt_length),
-        )
-    except (OSError, ValueError) as e:  # DataError is a ValueError
+        if not args.no_cache:  # the cut chunks go to the cache as they come (CacheWriter)
+            key = cache_key(data, tok, **settings)
+            writer = CacheWriter(cache_path(cache_dir, key), key)
+        report, total = Report(source=""), count_rows(data)
+        stream = iter_groups(data, args.format, args.min_responses, not args.keep_ties, args.score_field, report)
+        skip = partial(_unusable, min_responses=args.min_responses, require_preference=not args.keep_ties)
+        progress = Progress("tokenizing", partial(print, file=sys.stderr), unit="rows")
+        for _, chunk, tokens, lengths, cut in _encoded_chunks(
+            stream, tok, args.max_length, args.max_prompt_length, args.include_header
+        ):
+            seq_lens.append(lengths)
+            per_group.append([len(g.responses) for g in chunk])
+            spans.append(_span(chunk))
+            part = _cut_chunk(chunk, tokens, lengths, args.max_length, args.max_prompt_length, tok.bos_id, skip, cut)
+            if writer is not None:
+                writer.add(part)
+            reports.append(cut)
+            progress(report.read, total)
+    except BaseException as e:  # nothing half-written is left in the cache folder
+        if writer is not None:
+            writer.abort()
+        if not isinstance(e, (OSError, ValueError)):  # DataError is a ValueError: one line below
+            raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    cut = _merge_reports(reports, _tokenized_source(args.max_length, args.max_prompt_length))
 
-    prompt_lens = np.diff(full.seq_offsets)[full.group_offsets[:-1]] if len(full) else np.zeros(0, np.int64)
-    is_prompt = np.zeros(len(full.seq_offsets) - 1, bool)
-    is_prompt[full.group_offsets[:-1]] = True
-    seq_lens = np.diff(full.seq_offsets)
-    response_lens = seq_lens[~is_prompt]
-    per_group = np.diff(full.group_offsets) - 1
-    group_of = np.repeat(np.arange(len(full)), per_group)  # each response's group
-    longest = np.zeros(len(full), np.int64)
+    seq_lens = np.concatenate(seq_lens) if seq_lens else np.zeros(0, np.int64)
+    per_group = np.array([k for ks in per_group for k in ks], dtype=np.int64)
+    firsts = np.cumsum(1 + per_group) - (1 + per_group)  # each group's prompt among the sequences
+    is_prompt = np.zeros(len(seq_lens), bool)
+    is_prompt[firsts] = True
+    prompt_lens, response_lens = seq_lens[firsts], seq_lens[~is_prompt]
+    group_of = np.repeat(np.arange(len(per_group)), per_group)  # each response's group
+    longest = np.zeros(len(per_group), np.int64)
     np.maximum.at(longest, group_of, response_lens)
+    group_lens = np.add.reduceat(seq_lens, firsts) if len(firsts) else np.zeros(0, np.int64)
 
     def pct(xs):
         q = np.percentile(xs, [50, 90, 95, 99]) if len(xs) else [0] * 4
@@ -844,53 +979,26 @@ def main(argv=None):
         f"vocab {tok.vocab_size}"
     )
     print(report.summary())
-    print(f"groups: {len(full)}, responses: {len(response_lens)}")
+    print(f"groups: {len(per_group)}, responses: {len(response_lens)}")
     print("responses per group: " + ", ".join(f"{n}: {k[n]}" for n in sorted(k)))
     print(f"{'prompt tokens:':28}" + pct(prompt_lens))
     print(f"{'response tokens:':28}" + pct(response_lens))
     print(f"{'prompt + longest response:':28}" + pct(prompt_lens + longest))
-    print(f"{'prompt + all responses:':28}" + pct(np.diff(full.seq_offsets[full.group_offsets])))
-    if bounded.cut_texts:
+    print(f"{'prompt + all responses:':28}" + pct(group_lens))
+    if cut.cut_texts:
         print(
-            f"{bounded.cut_texts} texts were cut to the character bound of max_length / max_prompt_length before "
+            f"{cut.cut_texts} texts were cut to the character bound of max_length / max_prompt_length before "
             "tokenizing (as train.py cuts them): their token counts above are lower bounds, all over the budget"
         )
-
-    # the set train.py trains on: each chunk of the full set cut to the budget (a copy only where something is cut)
-    cut = Report(source=f"tokenized to max_length {args.max_length}, max_prompt_length {args.max_prompt_length}")
-    cut.cut_texts = bounded.cut_texts
-    starts = full.seq_offsets[full.group_offsets]
-
-    def skip(g):
-        return unusable(g.responses, g.scores, args.min_responses, not args.keep_ties)
-
-    parts = []
-    for i in range(0, len(groups), CHUNK):
-        chunk = groups[i : i + CHUNK]
-        end = min(i + CHUNK, len(groups))
-        tokens = full.tokens[starts[i] : starts[end]]
-        lengths = seq_lens[full.group_offsets[i] : full.group_offsets[end]]
-        parts.append(_cut_chunk(chunk, tokens, lengths, args.max_length, args.max_prompt_length, tok.bos_id, skip, cut))
     nothing_cut = not (cut.skipped or cut.truncated_prompts or cut.truncated_responses)
     print(
         f"truncation to max_length {args.max_length}, max_prompt_length {args.max_prompt_length}: nothing cut"
         if nothing_cut
         else cut.summary()
     )
-    if args.no_cache:
+    if writer is None:
         return
-    settings = dict(
-        max_length=args.max_length,
-        max_prompt_length=args.max_prompt_length,
-        format=args.format,
-        min_responses=args.min_responses,
-        require_preference=not args.keep_ties,
-        score_field=args.score_field,
-        include_header=args.include_header,
-    )
-    key = cache_key(data, tok, **settings)
-    cache_dir = args.cache_dir or default_cache_dir()
-    path = write_cache(cache_path(cache_dir, key), key, parts, f"{report.summary()}\n{cut.summary()}", full.score_span)
+    path = writer.finish(f"{report.summary()}\n{cut.summary()}", _merge_spans(spans))
     size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
     print(
         f"cache: {path} ({size / 2**20:.1f} MiB); train.py with the same data, tokenizer and settings "

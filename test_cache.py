@@ -18,6 +18,7 @@ import torch.multiprocessing as mp
 
 import data
 from chat import ChatTokenizer
+from data import tokenize_groups
 from formats import read_groups
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -199,6 +200,7 @@ def _rank_worker(rank, world, store, path, cache, out):
             return getattr(real, name)
 
     tok.tokenizer = Counting()
+    cache = cache[rank] if isinstance(cache, list) else cache  # a list: each rank's own folder (another node's disk)
     got, summary = data.load_tokenized(
         path, tok, 24, 16, cache_dir=cache, rank=rank, world=world, gather=all_gather, log=lambda line: None
     )
@@ -213,16 +215,19 @@ def _rank_worker(rank, world, store, path, cache, out):
     dist.destroy_process_group()
 
 
-def test_two_gloo_ranks_split_tokenizing_and_end_identical(tmp_path):
-    """Two gloo ranks: each encodes the texts of its half of the groups (prompt + responses), and both end with
-    the arrays, lines and summary of one process; rank 0 writes the cache and both map it."""
+def test_two_gloo_ranks_split_tokenizing_and_end_identical(tmp_path, monkeypatch):
+    """Two gloo ranks, chunks of 32 groups: each encodes the texts (prompt + responses) of every other chunk,
+    rank 0 the first, and both end with the arrays, lines and summary of one process run with the default
+    chunks of 512; rank 0 writes the cache and both map it."""
     cached = True
     tok = ChatTokenizer.from_pretrained(DEMO)
     path = demo_rows(tmp_path / "d.jsonl")
     one, one_summary, _ = load(path, tok, None)
     cache = str(tmp_path / "cache") if cached else None
     groups, _ = read_groups(path)
-    half = [sum(1 + len(g.responses) for g in share) for share in (groups[:100], groups[100:])]
+    monkeypatch.setattr(data, "CHUNK", 32)  # before the fork: the ranks inherit it
+    chunks = [groups[i : i + 32] for i in range(0, len(groups), 32)]  # 7 chunks: 4 for rank 0, 3 for rank 1
+    half = [sum(1 + len(g.responses) for c in chunks[rank::2] for g in c) for rank in range(2)]
     # forked, not spawned: a spawned child re-imports torch (seconds); the tokenizer turns its threads off in a fork
     mp.start_processes(
         _rank_worker, args=(2, str(tmp_path / "store"), path, cache, str(tmp_path)), nprocs=2, start_method="fork"
@@ -239,6 +244,76 @@ def test_two_gloo_ranks_split_tokenizing_and_end_identical(tmp_path):
     assert counts == half
     if cached:
         assert len(os.listdir(cache)) == 1
+
+
+def test_a_rank_that_cannot_see_the_cache_makes_all_tokenize(tmp_path, monkeypatch):
+    """Two gloo ranks with a cache folder each, as two nodes with their own disks: rank 0's holds the set, rank 1's
+    is empty. Both ranks tokenize (chunks of 32 groups: a share each), rank 1 keeps the gathered copy, rank 0
+    maps its cache again, and both end with one process's arrays, lines and summary."""
+    tok = ChatTokenizer.from_pretrained(DEMO)
+    path = demo_rows(tmp_path / "d.jsonl")
+    caches = [str(tmp_path / "node0"), str(tmp_path / "node1")]
+    one, one_summary, _ = load(path, tok, caches[0])
+    monkeypatch.setattr(data, "CHUNK", 32)  # both ranks have chunks to encode
+    mp.start_processes(
+        _rank_worker, args=(2, str(tmp_path / "store"), path, caches, str(tmp_path)), nprocs=2, start_method="fork"
+    )
+    for rank in range(2):
+        got = np.load(tmp_path / f"rank{rank}.npz")
+        for name, array in one.arrays().items():
+            np.testing.assert_array_equal(got[name], array)
+        meta = json.load(open(tmp_path / f"rank{rank}.json"))
+        assert meta["lines"] == one.lines and meta["summary"] == one_summary
+        assert bool(got["mapped"]) == (rank == 0) and int(got["encoded"]) > 0
+    assert not os.path.exists(caches[1]) or not os.listdir(caches[1])  # only rank 0 writes
+
+
+def test_texts_are_streamed_a_chunk_at_a_time(tmp_path, monkeypatch):
+    """load_tokenized reads the data as it tokenizes it: counted with the garbage collector each time a chunk of
+    16 groups is encoded, at most two chunks of formats.Group objects (their texts) are alive, never all 200
+    groups (read_groups followed by tokenizing holds every one); the result equals tokenize_set over
+    read_groups' list with the default chunk size."""
+    import gc
+
+    from formats import Group
+
+    tok = ChatTokenizer.from_pretrained(DEMO)
+    path = demo_rows(tmp_path / "d.jsonl")
+    groups, _ = read_groups(path)
+    expected, _ = data.tokenize_set(groups, tok, 24, 16)
+    del groups
+    monkeypatch.setattr(data, "CHUNK", 16)
+    alive, encode = [], data._encode_chunk
+
+    def counting(chunk, *args):
+        gc.collect()
+        alive.append(sum(type(o) is Group for o in gc.get_objects()))
+        return encode(chunk, *args)
+
+    monkeypatch.setattr(data, "_encode_chunk", counting)
+    got, _, _ = load(path, tok, None)
+    assert len(alive) == 13 and max(alive) <= 2 * 16
+    for name, array in expected.arrays().items():
+        np.testing.assert_array_equal(got.arrays()[name], array)
+
+
+def test_fingerprint_from_the_arrays_equals_the_per_group_hash(tmp_path):
+    """checkpoint.data_fingerprint of a whole TokenizedSet (hashed from its arrays, TokenizedSet.fingerprint)
+    against the same function over a plain list of the groups (the per-group loop over id lists): one digest,
+    so checkpoints written before keep resuming; and a changed score or token changes it."""
+    from checkpoint import data_fingerprint
+
+    tok = ChatTokenizer.from_pretrained(DEMO)
+    groups, _ = read_groups(demo_rows(tmp_path / "d.jsonl", 60))
+    compact, _ = data.tokenize_set(groups, tok, 24, 16)
+    fast = data_fingerprint(compact.groups)
+    assert fast == data_fingerprint(list(compact.groups)) == data_fingerprint(tokenize_groups(groups, tok, 24, 16)[0])
+    compact.scores = compact.scores.copy()
+    compact.scores[-1] += 1
+    changed = data_fingerprint(compact.groups)
+    compact.tokens = compact.tokens.copy()
+    compact.tokens[0] += 1
+    assert len({fast, changed, data_fingerprint(compact.groups)}) == 3
 
 
 def test_cli_writes_the_cache_train_reads(tmp_path, capsys):
