@@ -8,6 +8,7 @@ train.py, eval.py and sample.py answer the same mistake with the same line.
 
 import argparse
 import os
+import sys
 
 import torch
 
@@ -85,6 +86,24 @@ def check_model_fits(config, tok, path, max_length=None, log=print):
             f"warning: --max_length {max_length} exceeds {path}/config.json's max_position_embeddings "
             f"{config.max_position_embeddings}; positions past it were never trained"
         )
+
+
+def one_line_errors(main):
+    """main(argv) as a command: fail()'s line goes to stderr in one write. Python prints an uncaught SystemExit's
+    message and its newline in two writes, and where stderr is not a terminal each is a write of its own, so the
+    lines of several torchrun ranks failing at once can run together ("...continueerror: ...")."""
+
+    def run(argv=None):
+        try:
+            return main(argv)
+        except SystemExit as e:
+            if not isinstance(e.code, str):
+                raise
+            sys.stderr.write(e.code + "\n")
+            sys.stderr.flush()
+            raise SystemExit(1) from None
+
+    return run
 
 
 def interruptible(main):

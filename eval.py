@@ -62,6 +62,7 @@ from cli import (
     check_model_folder,
     fail,
     interruptible,
+    one_line_errors,
 )
 from chat import TEMPLATES, ChatTokenizer
 from data import tokenize_groups
@@ -600,4 +601,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    interruptible(main)()  # Ctrl-C: one line, no traceback
+    one_line_errors(interruptible(main))()  # Ctrl-C: one line, no traceback

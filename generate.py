@@ -530,6 +530,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from cli import interruptible
+    from cli import interruptible, one_line_errors
 
-    interruptible(main)()
+    one_line_errors(interruptible(main))()

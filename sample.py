@@ -8,7 +8,7 @@ KV cache, print the reply.
 
 import torch
 
-from cli import ArgumentParser, check_device, check_model_fits, check_model_folder, fail, interruptible
+from cli import ArgumentParser, check_device, check_model_fits, check_model_folder, fail, interruptible, one_line_errors
 from chat import TEMPLATES, ChatTokenizer
 from generate import generate
 from hf_format import CheckpointError, ConfigError
@@ -79,4 +79,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    interruptible(main)()  # Ctrl-C: one line, no traceback
+    one_line_errors(interruptible(main))()  # Ctrl-C: one line, no traceback

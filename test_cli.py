@@ -8,6 +8,7 @@ words, as eval.py's --date_string did: "(default: today), as in training (defaul
 
 import importlib
 import re
+import sys
 
 import pytest
 
@@ -35,3 +36,30 @@ def test_help_states_each_default_once(name, capsys):
     assert max(counts.values()) == 1, {flag: n for flag, n in counts.items() if n > 1}
     if name == "eval":
         assert counts["--date_string"] == 1
+
+
+def test_a_failing_command_writes_its_line_in_one_write(monkeypatch):
+    """cli.one_line_errors around a main that calls fail(): stderr receives exactly one write, the whole line
+    with its newline (Python's own printing of the SystemExit takes two, between which another torchrun rank's
+    line can land), and the process exits with code 1; other exits pass through unchanged."""
+    from cli import fail, one_line_errors
+
+    class Recorder:
+        def __init__(self):
+            self.writes = []
+
+        def write(self, text):
+            self.writes.append(text)
+
+        def flush(self):
+            pass
+
+    stderr = Recorder()
+    monkeypatch.setattr("sys.stderr", stderr)
+    with pytest.raises(SystemExit) as done:
+        one_line_errors(lambda argv: fail("stopped by SIGTERM after step 5"))()
+    assert done.value.code == 1 and stderr.writes == ["error: stopped by SIGTERM after step 5\n"]
+    with pytest.raises(SystemExit) as done:
+        one_line_errors(lambda argv: sys.exit(0))()
+    assert done.value.code == 0 and len(stderr.writes) == 1
+    assert one_line_errors(lambda argv: argv)(["x"]) == ["x"]

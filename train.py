@@ -54,7 +54,7 @@ from checkpoint import (
     write_args,
 )
 from chat import TEMPLATES, ChatTokenizer
-from cli import ArgumentParser, check_device, check_lengths, check_model_fits, fail
+from cli import ArgumentParser, check_device, check_lengths, check_model_fits, fail, one_line_errors
 from data import GroupLoader, default_cache_dir, load_tokenized, micro_batches, scale_sets, tokenize_groups
 from formats import data_files, read_groups
 from metrics import MetricsLog, StepStats, evaluate, generation_success
@@ -805,4 +805,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    one_line_errors(main)()
