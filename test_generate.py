@@ -132,7 +132,10 @@ def test_stop_tokens_and_shared_prefill(smollm2):
     """Per-row stop: with a stop token that row 1 produces at step 5, row 1 ends there (stop token last)
     and the other rows, which leave the batch at other times, still equal generate(); num_samples=3 greedy
     samples of each prompt all equal generate(); sample_n's draws with per-row generators equal generate()
-    with the same seeds."""
+    with the same seeds, or first differ where the two tokens tie (same_or_tie: float32 order can swap two tied
+    tokens in the sorted order the draw walks; seen on one CPU with top-p alone, which keeps ~45k nearly equal
+    probabilities of these random weights). The draws keep the top 40 tokens, whose cumulative sums lie far
+    apart, so a draw next to a boundary is not the other way to differ."""
     _, _, model, prompts = smollm2
     ref = [generate(model, p, 16) for p in prompts[:3]]
     stop = ref[1][5]
@@ -141,11 +144,12 @@ def test_stop_tokens_and_shared_prefill(smollm2):
     assert generate_batch(model, prompts[:3], 16, num_samples=3) == [r for r in ref for _ in range(3)]
     seeds = [11, 12, 13, 14]
     gens = [torch.Generator().manual_seed(s) for s in seeds]
-    drawn = sample_n(model, prompts[0], 4, 12, temperature=0.8, top_p=0.95, generator=gens)
-    assert drawn == [
-        generate(model, prompts[0], 12, temperature=0.8, top_p=0.95, generator=torch.Generator().manual_seed(s))
-        for s in seeds
+    drawn = sample_n(model, prompts[0], 4, 12, temperature=0.8, top_p=0.95, top_k=40, generator=gens)
+    alone = [
+        generate(model, prompts[0], 12, 0.8, 0.95, generator=torch.Generator().manual_seed(s), top_k=40) for s in seeds
     ]
+    assert all(same_or_tie(model, prompts[0], d, a, TIE) for d, a in zip(drawn, alone))
+    assert sum(d == a for d, a in zip(drawn, alone)) >= len(seeds) - 1
     assert len(set(map(tuple, drawn))) > 1
 
 
