@@ -83,13 +83,22 @@ def pseudo_words(rng, n):
     return sorted(words)
 
 
-def text_pool(rng, chars):
-    """English-like text: Zipf-distributed words in sentences and paragraphs, some numbers and lists."""
-    vocab = np.array(pseudo_words(rng, 50000))
+def tokenizer_words(path):
+    """The whole words of a byte-level BPE vocabulary (a token that is a space and lower-case letters), most
+    frequent first (BPE gives earlier merges lower ids): text of them tokenizes about as real English does."""
+    vocab = Tokenizer.from_file(path).get_vocab()
+    words = [(i, t[1:]) for t, i in vocab.items() if t.startswith("\u0120") and t[1:].isascii() and t[1:].isalpha()]
+    return [w for _, w in sorted(words) if w.islower()]
+
+
+def text_pool(rng, chars, words=None):
+    """English-like text: Zipf-distributed words in sentences and paragraphs, some numbers and lists. The words:
+    a real tokenizer's (tokenizer_words), or pseudo-words for the tokenizer trained here."""
+    vocab = np.array(words or pseudo_words(rng, 50000))
     out, size = [], 0
     while size < chars:
         n = int(rng.integers(5, 26))
-        ranks = np.minimum(rng.zipf(1.15, n), len(vocab)) - 1
+        ranks = (rng.zipf(1.15, n) - 1) % len(vocab)  # the tail folded back, not piled on the last word
         words = list(vocab[ranks])
         words[0] = words[0].capitalize()
         if rng.random() < 0.1:
@@ -147,6 +156,7 @@ def write_model(folder, tokenizer_dir, pool, vocab_size):
     else:
         tok = build_tokenizer(pool, vocab_size)
         tok.save(os.path.join(folder, "tokenizer.json"))
+    if not os.path.isfile(os.path.join(folder, "tokenizer_config.json")):  # a bare tokenizer.json: Llama 3.1's
         with open(os.path.join(os.path.dirname(HERE), "testdata", "llama-3.1-instruct.chat_template.jinja")) as f:
             template = f.read()
         with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
@@ -199,7 +209,8 @@ def main():
     args = p.parse_args()
     t0 = time.time()
     rng = np.random.default_rng(args.seed)
-    pool = text_pool(rng, 12_000_000)
+    words = tokenizer_words(os.path.join(args.tokenizer, "tokenizer.json")) if args.tokenizer else None
+    pool = text_pool(rng, 12_000_000, words)
     tok = write_model(os.path.join(args.out, "model"), args.tokenizer, pool[:4_000_000], args.vocab_size)
     sample = pool[:2_000_000]
     chars_per_token = len(sample) / len(tok.encode(sample, add_special_tokens=False).ids)
