@@ -220,7 +220,8 @@ def _encode_chunk(groups, tok, include_header, bounds, report):
             report.cut_texts += sum(len(r) > response_bound for r in rs)
             rs = [r[:response_bound] for r in rs]
         texts += [p, *rs]
-    encodings = tok.tokenizer.encode_batch(texts, add_special_tokens=False)  # in parallel
+    encode = getattr(tok.tokenizer, "encode_batch_fast", tok.tokenizer.encode_batch)  # no offsets (tokenizers 0.20+)
+    encodings = encode(texts, add_special_tokens=False)  # in parallel
     del texts
     lengths = np.fromiter(map(len, encodings), dtype=np.int64, count=len(encodings))
     tokens = np.fromiter(chain.from_iterable(e.ids for e in encodings), dtype=np.int32, count=int(lengths.sum()))
@@ -314,9 +315,9 @@ def _unusable(g, min_responses, require_preference):
 def _encoded_chunks(groups, tok, max_length, max_prompt_length, include_header, bound_lengths=None, share=(0, 1)):
     """Yield (index, groups, tokens, lengths, Report) for consecutive chunks of CHUNK groups of an iterable, each
     rendered and encoded (_encode_chunk) with the character bounds of the limits (see tokenize_set). With
-    share=(rank, world) only chunks index % world == rank are encoded; the others are read past, dropped and
-    yielded as (index, None, None, None, None), so the ranks of a job split the work, each holds the texts of one
-    chunk at a time, and all of them see every index (to meet after each round of world chunks)."""
+    share=(slot, workers) only chunks index % workers == slot are encoded (slot None: none); the others are read
+    past, dropped and yielded as (index, None, None, None, None), so the ranks of a job split the work, each holds
+    the texts of one chunk at a time, and all of them see every index (to meet at the same ones)."""
     if max_prompt_length is not None and max_prompt_length < 1:
         raise ValueError(f"max_prompt_length must be positive, got {max_prompt_length}")
     limits = [n for n in (bound_lengths or (max_length, max_prompt_length)) if n is not None]
@@ -325,13 +326,13 @@ def _encoded_chunks(groups, tok, max_length, max_prompt_length, include_header, 
         _char_bound(tok, min(limits)) if limits else None,
         None if response_limit is None else _char_bound(tok, response_limit),
     )
-    rank, world = share
+    slot, workers = share
     it = iter(groups)
     for index in count():
         chunk = list(islice(it, CHUNK))
         if not chunk:
             return
-        if index % world == rank:
+        if index % workers == slot:
             report = Report(source=_tokenized_source(max_length, max_prompt_length))
             tokens, lengths = _encode_chunk(chunk, tok, include_header, bounds, report)
             yield index, chunk, tokens, lengths, report
@@ -588,13 +589,26 @@ class Progress:
             self.last = now
 
 
+CORES_PER_ENCODER = 2  # a rank encodes only with at least this many cores of its own (see local_encoders)
+
+
+def local_encoders(local_world):
+    """How many of the local_world ranks on this machine encode: one per CORES_PER_ENCODER cores, at least one.
+    Measured on 2 cores, 64,000 groups: two ranks of one thread each cost 1.11 x the CPU of one rank with two
+    threads (each rank reads every row, holds its own tokenizer, and waits at each gather), and took longer."""
+    return max(1, min(local_world, _cores() // CORES_PER_ENCODER))
+
+
 def tokenizer_threads(local_world):
     """Size the tokenizer's thread pool to this process's share of the cores, so N ranks on one machine do not start
-    N pools of every core. Rayon reads RAYON_NUM_THREADS when the pool starts (the first batch encode); a value the
-    user set is kept."""
+    N pools of every core: the cores are split among the ranks that encode (local_encoders). Rayon reads
+    RAYON_NUM_THREADS when the pool starts (the first batch encode); a value the user set is kept."""
     if "RAYON_NUM_THREADS" not in os.environ:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        os.environ["RAYON_NUM_THREADS"] = str(max(1, cores // max(1, local_world)))
+        os.environ["RAYON_NUM_THREADS"] = str(max(1, _cores() // local_encoders(local_world)))
+
+
+def _cores():
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _merge_reports(reports, source):
@@ -681,12 +695,24 @@ def load_tokenized(
     return data, summary
 
 
+GATHER_EVERY = 4  # chunks each encoding rank does between two gathers: fewer meetings, less waiting on the slowest
+
+
+def encoding_ranks(rank, world, share):
+    """The ranks that encode, in rank order: the first local_encoders() of each machine (by LOCAL_RANK); the others
+    read along without competing for the cores (on 2 cores one rank encodes, with both)."""
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    encodes = int(os.environ.get("LOCAL_RANK", rank)) < local_encoders(local_world)
+    return [r for r, yes in enumerate(share(encodes)) if yes] if world > 1 else [0]
+
+
 def _tokenize_shared(spec, tok, settings, ranks, share, writer, keep, say):
     """load_tokenized's reading and tokenizing (settings: its arguments from max_length to include_header, as
-    cache_key takes them). Every rank reads the rows; chunk i is encoded by rank i % world, and
-    after each round of world chunks share(obj) -> [every rank's obj] (an all-gather) hands every rank the round's
-    pieces in the order of the data. writer (rank 0's CacheWriter, or None) writes them as they come; a rank with
-    keep=True holds them all for its TokenizedSet. Returns (TokenizedSet or None, summary, score span)."""
+    cache_key takes them). Every rank reads the rows; of the E ranks that encode (encoding_ranks), the j-th encodes
+    chunks j, j + E, ..., and after every GATHER_EVERY rounds of E chunks share(obj) -> [every rank's obj] (an
+    all-gather) hands every rank those pieces, put in the order of the data. writer (rank 0's CacheWriter, or None)
+    writes them as they come; a rank with keep=True holds them all for its TokenizedSet.
+    Returns (TokenizedSet or None, summary, score span)."""
     rank, world = ranks
     max_length, max_prompt_length = settings["max_length"], settings["max_prompt_length"]
     min_responses, require_preference = settings["min_responses"], settings["require_preference"]
@@ -695,13 +721,14 @@ def _tokenize_shared(spec, tok, settings, ranks, share, writer, keep, say):
         spec, settings["format"], min_responses, require_preference, settings["score_field"], read_report
     )
     skip = partial(_unusable, min_responses=min_responses, require_preference=require_preference)
-    progress = Progress("tokenizing" + (f" ({world} ranks)" if world > 1 else ""), say, unit="rows")
-    total = count_rows(spec)
-    parts, reports, spans, mine, index = [], [], [], None, -1
+    workers = encoding_ranks(rank, world, share)
+    slot = workers.index(rank) if rank in workers else None  # None: reads along, encodes nothing
+    progress = Progress("tokenizing" + (f" ({len(workers)} ranks)" if world > 1 else ""), say, unit="rows")
+    total, block = count_rows(spec), len(workers) * GATHER_EVERY
+    parts, reports, spans, mine, index = [], [], [], [], -1
 
-    def take(round_):
-        for piece in filter(None, round_):
-            part, report, span = piece
+    def take(pieces):  # every rank's pieces since the last gather
+        for _, part, report, span in sorted((p for ps in pieces for p in ps), key=lambda p: p[0]):
             if writer is not None:
                 writer.add(part)
             if keep:
@@ -710,16 +737,16 @@ def _tokenize_shared(spec, tok, settings, ranks, share, writer, keep, say):
             spans.append(span)
 
     for index, chunk, tokens, lengths, report in _encoded_chunks(
-        stream, tok, max_length, max_prompt_length, settings["include_header"], share=(rank, world)
+        stream, tok, max_length, max_prompt_length, settings["include_header"], share=(slot, len(workers))
     ):
         if chunk is not None:  # this rank's chunk
             part = _cut_chunk(chunk, tokens, lengths, max_length, max_prompt_length, tok.bos_id, skip, report)
-            mine = (part, report, _span(chunk))
-        if index % world == world - 1:
+            mine.append((index, part, report, _span(chunk)))
+        if (index + 1) % block == 0:
             take(share(mine))
-            mine = None
+            mine = []
         progress(read_report.read, total)
-    if (index + 1) % world:  # the last round, short of chunks
+    if (index + 1) % block:  # the last chunks, short of a whole block
         take(share(mine))
     say(f"tokenized {read_report.kept} groups in {time.time() - start:.0f} s")
     report = _merge_reports(reports, _tokenized_source(max_length, max_prompt_length))

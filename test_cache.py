@@ -196,6 +196,8 @@ def _rank_worker(rank, world, store, path, cache, out):
             encoded.append(len(texts))
             return real.encode_batch(texts, **kw)
 
+        encode_batch_fast = encode_batch
+
         def __getattr__(self, name):
             return getattr(real, name)
 
@@ -215,10 +217,12 @@ def _rank_worker(rank, world, store, path, cache, out):
     dist.destroy_process_group()
 
 
-def test_two_gloo_ranks_split_tokenizing_and_end_identical(tmp_path, monkeypatch):
-    """Two gloo ranks, chunks of 32 groups: each encodes the texts (prompt + responses) of every other chunk,
-    rank 0 the first, and both end with the arrays, lines and summary of one process run with the default
-    chunks of 512; rank 0 writes the cache and both map it."""
+@pytest.mark.parametrize("cores", [4, 2])
+def test_two_gloo_ranks_split_tokenizing_and_end_identical(tmp_path, monkeypatch, cores):
+    """Two gloo ranks, chunks of 32 groups: on 4 cores each encodes the texts (prompt + responses) of every other
+    chunk, rank 0 the first; on 2 cores rank 0 encodes them all and rank 1 only reads along (one encoding rank
+    per data.CORES_PER_ENCODER = 2 cores). Both end with the arrays, lines and summary of one process run with the
+    default chunks of 512; rank 0 writes the cache and both map it."""
     cached = True
     tok = ChatTokenizer.from_pretrained(DEMO)
     path = demo_rows(tmp_path / "d.jsonl")
@@ -226,8 +230,10 @@ def test_two_gloo_ranks_split_tokenizing_and_end_identical(tmp_path, monkeypatch
     cache = str(tmp_path / "cache") if cached else None
     groups, _ = read_groups(path)
     monkeypatch.setattr(data, "CHUNK", 32)  # before the fork: the ranks inherit it
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
     chunks = [groups[i : i + 32] for i in range(0, len(groups), 32)]  # 7 chunks: 4 for rank 0, 3 for rank 1
-    half = [sum(1 + len(g.responses) for c in chunks[rank::2] for g in c) for rank in range(2)]
+    encoders = cores // 2
+    half = [sum(1 + len(g.responses) for c in chunks[r::encoders] for g in c) if r < encoders else 0 for r in (0, 1)]
     # forked, not spawned: a spawned child re-imports torch (seconds); the tokenizer turns its threads off in a fork
     mp.start_processes(
         _rank_worker, args=(2, str(tmp_path / "store"), path, cache, str(tmp_path)), nprocs=2, start_method="fork"
@@ -254,7 +260,8 @@ def test_a_rank_that_cannot_see_the_cache_makes_all_tokenize(tmp_path, monkeypat
     path = demo_rows(tmp_path / "d.jsonl")
     caches = [str(tmp_path / "node0"), str(tmp_path / "node1")]
     one, one_summary, _ = load(path, tok, caches[0])
-    monkeypatch.setattr(data, "CHUNK", 32)  # both ranks have chunks to encode
+    monkeypatch.setattr(data, "CHUNK", 32)  # both ranks have chunks to encode (on 4 cores: 2 encoding ranks)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(4)))
     mp.start_processes(
         _rank_worker, args=(2, str(tmp_path / "store"), path, caches, str(tmp_path)), nprocs=2, start_method="fork"
     )
@@ -349,6 +356,8 @@ def test_cli_cuts_long_texts_before_tokenizing(tmp_path, capsys):
         def encode_batch(self, texts, **kw):
             longest.append(max(map(len, texts)))
             return real_tok.encode_batch(texts, **kw)
+
+        encode_batch_fast = encode_batch
 
         def __getattr__(self, name):
             return getattr(real_tok, name)
