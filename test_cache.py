@@ -217,6 +217,24 @@ def _rank_worker(rank, world, store, path, cache, out):
     dist.destroy_process_group()
 
 
+def two_ranks_end_as(one, one_summary, tmp_path, path, cache):
+    """Fork two gloo ranks that load path (cache: a folder, one per rank, or None) and check that each ends with
+    one's arrays, lines and summary; returns each rank's (arrays memory-mapped, texts it encoded)."""
+    # forked, not spawned: a spawned child re-imports torch (seconds); the tokenizer turns its threads off in a fork
+    mp.start_processes(
+        _rank_worker, args=(2, str(tmp_path / "store"), path, cache, str(tmp_path)), nprocs=2, start_method="fork"
+    )
+    out = []
+    for rank in range(2):
+        got = np.load(tmp_path / f"rank{rank}.npz")
+        for name, array in one.arrays().items():
+            np.testing.assert_array_equal(got[name], array)
+        meta = json.load(open(tmp_path / f"rank{rank}.json"))
+        assert meta["lines"] == one.lines and meta["summary"] == one_summary
+        out.append((bool(got["mapped"]), int(got["encoded"])))
+    return out
+
+
 @pytest.mark.parametrize("cores", [4, 2])
 def test_two_gloo_ranks_split_tokenizing_and_end_identical(tmp_path, monkeypatch, cores):
     """Two gloo ranks, chunks of 32 groups: on 4 cores each encodes the texts (prompt + responses) of every other
@@ -234,20 +252,8 @@ def test_two_gloo_ranks_split_tokenizing_and_end_identical(tmp_path, monkeypatch
     chunks = [groups[i : i + 32] for i in range(0, len(groups), 32)]  # 7 chunks: 4 for rank 0, 3 for rank 1
     encoders = cores // 2
     half = [sum(1 + len(g.responses) for c in chunks[r::encoders] for g in c) if r < encoders else 0 for r in (0, 1)]
-    # forked, not spawned: a spawned child re-imports torch (seconds); the tokenizer turns its threads off in a fork
-    mp.start_processes(
-        _rank_worker, args=(2, str(tmp_path / "store"), path, cache, str(tmp_path)), nprocs=2, start_method="fork"
-    )
-    counts = []
-    for rank in range(2):
-        got = np.load(tmp_path / f"rank{rank}.npz")
-        for name, array in one.arrays().items():
-            np.testing.assert_array_equal(got[name], array)
-        meta = json.load(open(tmp_path / f"rank{rank}.json"))
-        assert meta["lines"] == one.lines and meta["summary"] == one_summary
-        assert bool(got["mapped"]) == cached
-        counts.append(int(got["encoded"]))
-    assert counts == half
+    ranks = two_ranks_end_as(one, one_summary, tmp_path, path, cache)
+    assert ranks == [(cached, half[0]), (cached, half[1])]
     if cached:
         assert len(os.listdir(cache)) == 1
 
@@ -262,16 +268,8 @@ def test_a_rank_that_cannot_see_the_cache_makes_all_tokenize(tmp_path, monkeypat
     one, one_summary, _ = load(path, tok, caches[0])
     monkeypatch.setattr(data, "CHUNK", 32)  # both ranks have chunks to encode (on 4 cores: 2 encoding ranks)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(4)))
-    mp.start_processes(
-        _rank_worker, args=(2, str(tmp_path / "store"), path, caches, str(tmp_path)), nprocs=2, start_method="fork"
-    )
-    for rank in range(2):
-        got = np.load(tmp_path / f"rank{rank}.npz")
-        for name, array in one.arrays().items():
-            np.testing.assert_array_equal(got[name], array)
-        meta = json.load(open(tmp_path / f"rank{rank}.json"))
-        assert meta["lines"] == one.lines and meta["summary"] == one_summary
-        assert bool(got["mapped"]) == (rank == 0) and int(got["encoded"]) > 0
+    (mapped0, encoded0), (mapped1, encoded1) = two_ranks_end_as(one, one_summary, tmp_path, path, caches)
+    assert mapped0 and not mapped1 and encoded0 > 0 and encoded1 > 0
     assert not os.path.exists(caches[1]) or not os.listdir(caches[1])  # only rank 0 writes
 
 
