@@ -643,11 +643,12 @@ def load_tokenized(
 
     cache_dir (None: no cache) holds one folder per cache_key; a folder that matches is memory-mapped (the ranks of
     a node share its pages), one that is stale or damaged is rebuilt with a one-line notice. With world > 1 ranks,
-    gather(obj) -> [every rank's obj] (parallel.all_gather) shares the work: every rank reads the data and tokenizes
-    every world-th chunk of CHUNK groups with its share of the cores, and the pieces are gathered in order after each
-    round of chunks. Rank 0 writes them into the cache as they come, so no rank holds the whole set in memory: every
-    rank that can see the finished cache maps it; one that cannot (another node's disk) keeps a copy of its own, as
-    every rank does with no cache."""
+    gather(obj) -> [every rank's obj] (parallel.all_gather) shares the work: every rank reads the data, the encoding
+    ranks (one per CORES_PER_ENCODER cores of each machine, see encoding_ranks) take the chunks of CHUNK groups in
+    turn with their share of the cores, and the pieces are gathered in order every few chunks (_tokenize_shared).
+    Rank 0 writes them into the cache as they come, so no rank holds the whole set in memory: every rank that can
+    see the finished cache maps it; one that cannot (another node's disk) keeps a copy of its own, as every rank
+    does with no cache."""
     say = log if rank == 0 else (lambda *a: None)
     settings = dict(
         max_length=max_length,
