@@ -15,6 +15,7 @@ Uses tokenizers, numpy and the standard library: no torch, no transformers.
 import hashlib
 import json
 import math
+import mmap
 import os
 import re
 import shutil
@@ -88,8 +89,9 @@ class TokenizedSet:
         }
 
     @classmethod
-    def from_parts(cls, parts, score_span=None):
-        """One set from consecutive pieces, each (tokens, sequence lengths, sequences per group, scores, lines)."""
+    def from_parts(cls, parts, score_span=None, tokens=None):
+        """One set from consecutive pieces, each (tokens, sequence lengths, sequences per group, scores, lines);
+        tokens= the pieces' tokens already end to end (a TokenBuffer's), their first places then unused."""
         parts = list(parts) or [_empty_part()]
 
         def cat(i, dtype):
@@ -98,7 +100,7 @@ class TokenizedSet:
                 return np.asarray(arrays[0], dtype=dtype)
             return np.concatenate(arrays).astype(dtype, copy=False) if arrays else np.zeros(0, dtype)
 
-        tokens = cat(0, np.int32)
+        tokens = cat(0, np.int32) if tokens is None else tokens
         seq_offsets = np.concatenate([[0], np.cumsum(cat(1, np.int64))]).astype(np.int64)
         group_offsets = np.concatenate([[0], np.cumsum(cat(2, np.int64))]).astype(np.int64)
         return cls(tokens, seq_offsets, group_offsets, cat(3, np.float64), [x for p in parts for x in p[4]], score_span)
@@ -122,6 +124,37 @@ class TokenizedSet:
     def rescale(self, lo, hi):
         """Scores mapped by (s - lo) / (hi - lo) (see score_rule)."""
         self.scores = (self.scores - lo) / (hi - lo)
+
+
+class TokenBuffer:
+    """int32 tokens appended end to end into an anonymous memory map that grows in place (mremap, Linux), so
+    holding N tokens takes 4N bytes at every moment: joining pieces at the end would hold 8N for a while.
+    Where a map cannot grow in place it is copied into a larger one."""
+
+    def __init__(self, capacity=1 << 22):
+        self.map, self.n = self._new(4 * capacity), 0
+
+    @staticmethod
+    def _new(size):  # private: a shared anonymous map would not grow its backing store (a bus error past it)
+        return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE) if hasattr(mmap, "MAP_PRIVATE") else mmap.mmap(-1, size)
+
+    def append(self, tokens):
+        data = memoryview(np.ascontiguousarray(tokens, dtype=np.int32)).cast("B")
+        end = 4 * self.n + len(data)
+        if end > len(self.map):
+            size = max(end, 2 * len(self.map))
+            try:
+                self.map.resize(size)
+            except (OSError, SystemError, ValueError):  # no mremap here: a copy
+                bigger = self._new(size)
+                bigger[: 4 * self.n] = self.map[: 4 * self.n]
+                self.map = bigger
+        self.map[4 * self.n : end] = data
+        self.n += len(tokens)
+
+    def array(self):
+        """The tokens as an (n,) int32 array over the map (append no more after this)."""
+        return np.frombuffer(self.map, dtype=np.int32, count=self.n)
 
 
 class GroupView:
@@ -726,14 +759,15 @@ def _tokenize_shared(spec, tok, settings, ranks, share, writer, keep, say):
     slot = workers.index(rank) if rank in workers else None  # None: reads along, encodes nothing
     progress = Progress("tokenizing" + (f" ({len(workers)} ranks)" if world > 1 else ""), say, unit="rows")
     total, block = count_rows(spec), len(workers) * GATHER_EVERY
-    parts, reports, spans, mine, index = [], [], [], [], -1
+    parts, reports, spans, mine, index, held = [], [], [], [], -1, TokenBuffer() if keep else None
 
     def take(pieces):  # every rank's pieces since the last gather
         for _, part, report, span in sorted((p for ps in pieces for p in ps), key=lambda p: p[0]):
             if writer is not None:
                 writer.add(part)
-            if keep:
-                parts.append(part)
+            if keep:  # the tokens into the buffer, the small arrays kept as they are
+                held.append(part[0])
+                parts.append((None, *part[1:]))
             reports.append(report)
             spans.append(span)
 
@@ -752,7 +786,7 @@ def _tokenize_shared(spec, tok, settings, ranks, share, writer, keep, say):
     say(f"tokenized {read_report.kept} groups in {time.time() - start:.0f} s")
     report = _merge_reports(reports, _tokenized_source(max_length, max_prompt_length))
     summary, span = f"{read_report.summary()}\n{report.summary()}", _merge_spans(spans)
-    return (TokenizedSet.from_parts(parts, score_span=span) if keep else None), summary, span
+    return (TokenizedSet.from_parts(parts, span, held.array()) if keep else None), summary, span
 
 
 # -----------------------------------------------------------------------------

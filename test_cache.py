@@ -88,6 +88,31 @@ def test_nothing_cut_keeps_the_encoded_array(tmp_path):
     assert part[0] is tokens and part[1] is lengths
 
 
+@pytest.mark.parametrize("grows", ["in place", "by a copy"])
+def test_token_buffer_equals_the_pieces_end_to_end(monkeypatch, grows):
+    """data.TokenBuffer (where --no_cache keeps a set's tokens) against np.concatenate of the pieces appended:
+    pieces of 0 to 9 tokens, then of up to 9,000 (the map's pages past its first, where a shared anonymous map
+    faults), into a buffer of capacity 3, so it grows many times, in place (mremap) and, where a map cannot grow,
+    by copying into a larger one (resize refused by a stand-in)."""
+    import mmap
+
+    if grows == "by a copy":
+
+        class Fixed(mmap.mmap):
+            def resize(self, size):
+                raise SystemError("mmap: resizing not available--no mremap()")
+
+        monkeypatch.setattr(data.mmap, "mmap", Fixed)
+    rng = np.random.default_rng(0)
+    sizes = [*rng.integers(0, 10, size=40), *rng.integers(0, 9000, size=20)]
+    pieces = [rng.integers(0, 2**31 - 1, size=int(n), dtype=np.int64) for n in sizes]
+    buffer = data.TokenBuffer(capacity=3)
+    for p in pieces:
+        buffer.append(p)
+    got = buffer.array()
+    assert got.dtype == np.int32 and got.tolist() == np.concatenate(pieces).tolist()
+
+
 def test_cache_hit_gives_identical_arrays(tmp_path):
     """The first load tokenizes and writes the cache; the second maps it (memory-mapped tokens) and gives
     the same arrays, lines, score span and summary, equal to a load without cache."""
