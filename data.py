@@ -732,6 +732,10 @@ def load_tokenized(
 GATHER_EVERY = 4  # chunks each encoding rank does between two gathers: fewer meetings, less waiting on the slowest
 
 
+class SharedDataError(DataError):
+    """One rank's DataError, raised on every rank of the job (see _tokenize_shared)."""
+
+
 def encoding_ranks(rank, world, share):
     """The ranks that encode, in rank order: the first local_encoders() of each machine (by LOCAL_RANK); the others
     read along without competing for the cores (on 2 cores one rank encodes, with both)."""
@@ -762,7 +766,11 @@ def _tokenize_shared(spec, tok, settings, ranks, share, writer, keep, say):
     parts, reports, spans, mine, index, held = [], [], [], [], -1, TokenBuffer() if keep else None
 
     def take(pieces):  # every rank's pieces since the last gather
-        for _, part, report, span in sorted((p for ps in pieces for p in ps), key=lambda p: p[0]):
+        pieces = [p for ps in pieces for p in ps]
+        failed = [p[1] for p in pieces if p[0] is None]
+        if failed:  # a rank could not render a group of its chunk: every rank stops with its line
+            raise SharedDataError(failed[0])
+        for _, part, report, span in sorted(pieces, key=lambda p: p[0]):
             if writer is not None:
                 writer.add(part)
             if keep:  # the tokens into the buffer, the small arrays kept as they are
@@ -771,18 +779,25 @@ def _tokenize_shared(spec, tok, settings, ranks, share, writer, keep, say):
             reports.append(report)
             spans.append(span)
 
-    for index, chunk, tokens, lengths, report in _encoded_chunks(
-        stream, tok, max_length, max_prompt_length, settings["include_header"], share=(slot, len(workers))
-    ):
-        if chunk is not None:  # this rank's chunk
-            part = _cut_chunk(chunk, tokens, lengths, max_length, max_prompt_length, tok.bos_id, skip, report)
-            mine.append((index, part, report, _span(chunk)))
-        if (index + 1) % block == 0:
+    try:
+        for index, chunk, tokens, lengths, report in _encoded_chunks(
+            stream, tok, max_length, max_prompt_length, settings["include_header"], share=(slot, len(workers))
+        ):
+            if chunk is not None:  # this rank's chunk
+                part = _cut_chunk(chunk, tokens, lengths, max_length, max_prompt_length, tok.bos_id, skip, report)
+                mine.append((index, part, report, _span(chunk)))
+            if (index + 1) % block == 0:
+                take(share(mine))
+                mine = []
+            progress(read_report.read, total)
+        if (index + 1) % block:  # the last chunks, short of a whole block
             take(share(mine))
-            mine = []
-        progress(read_report.read, total)
-    if (index + 1) % block:  # the last chunks, short of a whole block
-        take(share(mine))
+    except DataError as e:
+        # a row every rank reads fails on every rank alike; a group only this rank renders fails here alone, and
+        # the others wait at their next gather: this rank meets them there with its error
+        if world == 1 or isinstance(e, SharedDataError):
+            raise
+        take(share([(None, str(e))]))
     say(f"tokenized {read_report.kept} groups in {time.time() - start:.0f} s")
     report = _merge_reports(reports, _tokenized_source(max_length, max_prompt_length))
     summary, span = f"{read_report.summary()}\n{report.summary()}", _merge_spans(spans)

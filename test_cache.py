@@ -228,9 +228,14 @@ def _rank_worker(rank, world, store, path, cache, out):
 
     tok.tokenizer = Counting()
     cache = cache[rank] if isinstance(cache, list) else cache  # a list: each rank's own folder (another node's disk)
-    got, summary = data.load_tokenized(
-        path, tok, 24, 16, cache_dir=cache, rank=rank, world=world, gather=all_gather, log=lambda line: None
-    )
+    try:
+        got, summary = data.load_tokenized(
+            path, tok, 24, 16, cache_dir=cache, rank=rank, world=world, gather=all_gather, log=lambda line: None
+        )
+    except data.DataError as e:
+        with open(os.path.join(out, f"rank{rank}.error"), "w") as f:
+            f.write(str(e))
+        return
     np.savez(
         os.path.join(out, f"rank{rank}.npz"),
         encoded=sum(encoded),
@@ -281,6 +286,33 @@ def test_two_gloo_ranks_split_tokenizing_and_end_identical(tmp_path, monkeypatch
     assert ranks == [(cached, half[0]), (cached, half[1])]
     if cached:
         assert len(os.listdir(cache)) == 1
+
+
+def test_a_group_one_rank_cannot_render_stops_every_rank(tmp_path, monkeypatch):
+    """Two gloo ranks on 4 cores, chunks of 32: the group of line 41 (chunk 1, rank 1's) fails to render. Only rank
+    1 renders it, yet both ranks end with the same one-line DataError naming line 41 (rank 0 learns it at the
+    gather where it waits for rank 1), and no cache is left behind."""
+    from chat import ChatTokenizer as Chat
+
+    path = demo_rows(tmp_path / "d.jsonl")
+    groups, _ = read_groups(path)
+    bad, render = groups[40].prompt, Chat.render_prompt
+
+    def refuse(self, prompt, **kw):
+        if prompt == bad:
+            raise ValueError("this conversation cannot be rendered")
+        return render(self, prompt, **kw)
+
+    monkeypatch.setattr(Chat, "render_prompt", refuse)
+    monkeypatch.setattr(data, "CHUNK", 32)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(4)))
+    cache = str(tmp_path / "cache")
+    mp.start_processes(
+        _rank_worker, args=(2, str(tmp_path / "store"), path, cache, str(tmp_path)), nprocs=2, start_method="fork"
+    )
+    errors = [(tmp_path / f"rank{rank}.error").read_text() for rank in range(2)]
+    assert errors[0] == errors[1] == "group from line 41: this conversation cannot be rendered"
+    assert not os.path.exists(cache) or not os.listdir(cache)
 
 
 def test_a_rank_that_cannot_see_the_cache_makes_all_tokenize(tmp_path, monkeypatch):
