@@ -326,14 +326,13 @@ def tokenize_set(
     bound_lengths=(max_length, max_prompt_length) sets the character bound alone (default: the limits given),
     for statistics of full lengths that still never tokenize a 50 MB text whole."""
     total = len(groups) if hasattr(groups, "__len__") else None
-    skip = partial(_unusable, min_responses=min_responses, require_preference=require_preference)
     parts, reports, spans, done = [], [], [], 0
-    for _, chunk, tokens, lengths, report in _encoded_chunks(
-        groups, tok, max_length, max_prompt_length, include_header, bound_lengths
+    for _, chunk, _, part, report, span in _encoded_chunks(
+        groups, tok, max_length, max_prompt_length, include_header, min_responses, require_preference, bound_lengths
     ):
-        spans.append(_span(chunk))
-        parts.append(_cut_chunk(chunk, tokens, lengths, max_length, max_prompt_length, tok.bos_id, skip, report))
+        parts.append(part)
         reports.append(report)
+        spans.append(span)
         done += len(chunk)
         if progress is not None:
             progress(done, total)
@@ -345,20 +344,33 @@ def _unusable(g, min_responses, require_preference):
     return unusable(g.responses, g.scores, min_responses, require_preference)
 
 
-def _encoded_chunks(groups, tok, max_length, max_prompt_length, include_header, bound_lengths=None, share=(0, 1)):
-    """Yield (index, groups, tokens, lengths, Report) for consecutive chunks of CHUNK groups of an iterable, each
-    rendered and encoded (_encode_chunk) with the character bounds of the limits (see tokenize_set). With
-    share=(slot, workers) only chunks index % workers == slot are encoded (slot None: none); the others are read
-    past, dropped and yielded as (index, None, None, None, None), so the ranks of a job split the work, each holds
-    the texts of one chunk at a time, and all of them see every index (to meet at the same ones)."""
+def _encoded_chunks(
+    groups,
+    tok,
+    max_length,
+    max_prompt_length,
+    include_header,
+    min_responses,
+    require_preference,
+    bounds=None,
+    share=(0, 1),
+):
+    """Yield (index, groups, lengths, piece, Report, score span) for consecutive chunks of CHUNK groups of an
+    iterable: each rendered and encoded (_encode_chunk, lengths as encoded) with the character bounds of the limits
+    (bounds=(max_length, max_prompt_length) sets them alone: see tokenize_set), then cut to the limits and stripped
+    of unusable groups (_cut_chunk: the piece for TokenizedSet.from_parts). With share=(slot, workers) only chunks
+    index % workers == slot are encoded (slot None: none); the others are read past, dropped and yielded as
+    (index, None, None, None, None, None), so the ranks of a job split the work, each holds the texts of one chunk
+    at a time, and all of them see every index (to meet at the same ones)."""
     if max_prompt_length is not None and max_prompt_length < 1:
         raise ValueError(f"max_prompt_length must be positive, got {max_prompt_length}")
-    limits = [n for n in (bound_lengths or (max_length, max_prompt_length)) if n is not None]
-    response_limit = (bound_lengths or (max_length,))[0]
-    bounds = (
+    limits = [n for n in (bounds or (max_length, max_prompt_length)) if n is not None]
+    response_limit = (bounds or (max_length,))[0]
+    char_bounds = (
         _char_bound(tok, min(limits)) if limits else None,
         None if response_limit is None else _char_bound(tok, response_limit),
     )
+    skip = partial(_unusable, min_responses=min_responses, require_preference=require_preference)
     slot, workers = share
     it = iter(groups)
     for index in count():
@@ -367,10 +379,11 @@ def _encoded_chunks(groups, tok, max_length, max_prompt_length, include_header, 
             return
         if index % workers == slot:
             report = Report(source=_tokenized_source(max_length, max_prompt_length))
-            tokens, lengths = _encode_chunk(chunk, tok, include_header, bounds, report)
-            yield index, chunk, tokens, lengths, report
+            tokens, lengths = _encode_chunk(chunk, tok, include_header, char_bounds, report)
+            part = _cut_chunk(chunk, tokens, lengths, max_length, max_prompt_length, tok.bos_id, skip, report)
+            yield index, chunk, lengths, part, report, _span(chunk)
         else:
-            yield index, None, None, None, None
+            yield index, None, None, None, None, None
         del chunk
 
 
@@ -758,7 +771,6 @@ def _tokenize_shared(spec, tok, settings, ranks, share, writer, keep, say):
     stream = iter_groups(
         spec, settings["format"], min_responses, require_preference, settings["score_field"], read_report
     )
-    skip = partial(_unusable, min_responses=min_responses, require_preference=require_preference)
     workers = encoding_ranks(rank, world, share)
     slot = workers.index(rank) if rank in workers else None  # None: reads along, encodes nothing
     progress = Progress("tokenizing" + (f" ({len(workers)} ranks)" if world > 1 else ""), say, unit="rows")
@@ -780,12 +792,18 @@ def _tokenize_shared(spec, tok, settings, ranks, share, writer, keep, say):
             spans.append(span)
 
     try:
-        for index, chunk, tokens, lengths, report in _encoded_chunks(
-            stream, tok, max_length, max_prompt_length, settings["include_header"], share=(slot, len(workers))
+        for index, chunk, _, part, report, span in _encoded_chunks(
+            stream,
+            tok,
+            max_length,
+            max_prompt_length,
+            settings["include_header"],
+            min_responses,
+            require_preference,
+            share=(slot, len(workers)),
         ):
             if chunk is not None:  # this rank's chunk
-                part = _cut_chunk(chunk, tokens, lengths, max_length, max_prompt_length, tok.bos_id, skip, report)
-                mine.append((index, part, report, _span(chunk)))
+                mine.append((index, part, report, span))
             if (index + 1) % block == 0:
                 take(share(mine))
                 mine = []
@@ -1013,15 +1031,19 @@ def main(argv=None):
             writer = CacheWriter(cache_path(cache_dir, key), key)
         report, total = Report(source=""), count_rows(data)
         stream = iter_groups(data, args.format, args.min_responses, not args.keep_ties, args.score_field, report)
-        skip = partial(_unusable, min_responses=args.min_responses, require_preference=not args.keep_ties)
         progress = Progress("tokenizing", partial(print, file=sys.stderr), unit="rows")
-        for _, chunk, tokens, lengths, cut in _encoded_chunks(
-            stream, tok, args.max_length, args.max_prompt_length, args.include_header
+        for _, chunk, lengths, part, cut, span in _encoded_chunks(
+            stream,
+            tok,
+            args.max_length,
+            args.max_prompt_length,
+            args.include_header,
+            args.min_responses,
+            not args.keep_ties,
         ):
             seq_lens.append(lengths)
             per_group.append([len(g.responses) for g in chunk])
-            spans.append(_span(chunk))
-            part = _cut_chunk(chunk, tokens, lengths, args.max_length, args.max_prompt_length, tok.bos_id, skip, cut)
+            spans.append(span)
             if writer is not None:
                 writer.add(part)
             reports.append(cut)
